@@ -1,0 +1,1 @@
+"""tiality: live audio from a robot to its operator."""
