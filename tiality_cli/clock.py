@@ -34,7 +34,9 @@ class SystemClock:
 class ManualClock:
     """A clock that only moves when told to; both readings advance together."""
 
-    def __init__(self, start_ns: int = 1_000_000_000, wall_offset_ns: int = 1_700_000_000_000_000_000) -> None:
+    def __init__(
+        self, start_ns: int = 1_000_000_000, wall_offset_ns: int = 1_700_000_000_000_000_000
+    ) -> None:
         self.now_ns = start_ns
         self.wall_offset_ns = wall_offset_ns
 

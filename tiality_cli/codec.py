@@ -12,11 +12,11 @@ import ctypes
 from typing import Any
 
 import numpy as np
-import opuslib  # type: ignore[import-untyped]
-import opuslib.api.ctl as _ctl  # type: ignore[import-untyped]
-import opuslib.api.decoder as _dec  # type: ignore[import-untyped]
-import opuslib.api.encoder as _enc  # type: ignore[import-untyped]
-from opuslib.api import c_int16_pointer as _c_int16_p  # type: ignore[import-untyped]
+import opuslib
+import opuslib.api.ctl as _ctl
+import opuslib.api.decoder as _dec
+import opuslib.api.encoder as _enc
+from opuslib.api import c_int16_pointer as _c_int16_p
 
 from tiality_cli.config import OPUS_RATES, AudioFormat, CodecConfig
 from tiality_cli.errors import ConfigError, CorruptPacketError
@@ -35,12 +35,16 @@ def _opus_text(code: int) -> str:
 class OpusEncoder:
     """Encodes one frame of ``input`` (int16, shape (frame_samples, channels)) per ``encode()`` call."""
 
+    _state: Any = None
+
     def __init__(self, fmt: AudioFormat, config: CodecConfig | None = None) -> None:
         fmt.validate_opus()
         self.config = (config or CodecConfig()).validate()
         self.format = fmt
         try:
-            self._state = _enc.create_state(fmt.sample_rate, fmt.channels, _APPLICATIONS[self.config.application])
+            self._state = _enc.create_state(
+                fmt.sample_rate, fmt.channels, _APPLICATIONS[self.config.application]
+            )
         except opuslib.OpusError as exc:
             raise ConfigError(f"Opus encoder: {exc}") from None
         self._set(_ctl.set_bitrate, self.config.bitrate)
@@ -80,9 +84,13 @@ class OpusDecoder:
     internally, so a 16 kHz mono stream plays on a 48 kHz stereo device without a resampler.
     """
 
+    _state: Any = None
+
     def __init__(self, sample_rate: int, channels: int, max_frame_samples: int) -> None:
         if sample_rate not in OPUS_RATES or channels not in (1, 2):
-            raise ConfigError(f"Opus decodes at {OPUS_RATES} Hz and 1-2 channels, not {sample_rate} Hz x {channels}")
+            raise ConfigError(
+                f"Opus decodes at {OPUS_RATES} Hz and 1-2 channels, not {sample_rate} Hz x {channels}"
+            )
         self.sample_rate = sample_rate
         self.channels = channels
         self._state = _dec.create_state(sample_rate, channels)
@@ -123,4 +131,3 @@ class OpusDecoder:
 
     def __del__(self) -> None:
         self.close()
-

@@ -93,7 +93,9 @@ class CodecConfig:
         if not 0 <= self.complexity <= 10:
             raise ConfigError(f"--complexity {self.complexity}: must be 0 to 10")
         if self.application not in OPUS_APPLICATIONS:
-            raise ConfigError(f"--application {self.application}: choose one of {', '.join(OPUS_APPLICATIONS)}")
+            raise ConfigError(
+                f"--application {self.application}: choose one of {', '.join(OPUS_APPLICATIONS)}"
+            )
         if not 0 <= self.packet_loss_perc <= 100:
             raise ConfigError(f"--expected-loss {self.packet_loss_perc}: must be 0 to 100")
         return self

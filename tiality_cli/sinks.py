@@ -8,8 +8,8 @@
 The sink is the clock. It pulls audio from the receiver by calling ``fill(buf)``, which must write the
 whole buffer (int16, shape (n, channels)) in place and return True when it holds stream audio, False
 when no stream is playing (the buffer is then silence). A device sink calls ``fill`` from its audio
-callback; a file or null sink calls it from its own thread paced in real time, one frame per frame
-period, and keeps only the frames for which it returned True, so a file holds the streams back to back
+callback; a file or null sink calls it from its own thread paced in real time, one 5 ms block at a
+time, and keeps only the frames for which it returned True, so a file holds the streams back to back
 and its length is exactly the streams' duration.
 """
 
@@ -26,6 +26,7 @@ from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
 
+BLOCK_US = 5_000  # the paced sinks' pull period
 FillFn = Callable[[npt.NDArray[np.int16]], bool]
 
 
@@ -57,6 +58,7 @@ class ClockedSink:
         self.underruns = 0
         self.frames_written = 0
         self.late_ticks = 0  # ticks that ran more than one period behind schedule (a busy machine)
+        self.limit_seconds: float | None = None  # keep no more than this much audio (recv --seconds)
         self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,12 +71,17 @@ class ClockedSink:
         if self.format is None:
             raise RuntimeError("open() the sink before start()")
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(fill, self.format), name=self.name, daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(fill, self.format), name=self.name, daemon=True
+        )
         self._thread.start()
 
     def _run(self, fill: FillFn, fmt: AudioFormat) -> None:
-        buf = np.zeros((fmt.frame_samples, fmt.channels), dtype=np.int16)
-        period = fmt.frame_ns
+        # Pull in blocks of at most 5 ms, as a sound card with a small period would: a frame decoded
+        # at a block boundary then waits at most one block before it goes out.
+        block = min(fmt.frame_samples, fmt.sample_rate * BLOCK_US // 1_000_000)
+        buf = np.zeros((block, fmt.channels), dtype=np.int16)
+        period = block * 1_000_000_000 // fmt.sample_rate
         due = self._clock.monotonic_ns()
         while not self._stop.is_set():
             due += period
@@ -85,9 +92,15 @@ class ClockedSink:
             elif delay < -period:
                 self.late_ticks += 1
             if fill(buf):
-                with self._lock:
-                    self.consume(buf)
-                    self.frames_written += len(buf)
+                keep = len(buf)
+                if self.limit_seconds is not None:
+                    keep = max(
+                        0, min(keep, round(self.limit_seconds * fmt.sample_rate) - self.frames_written)
+                    )
+                if keep:
+                    with self._lock:
+                        self.consume(buf[:keep])
+                        self.frames_written += keep
 
     def consume(self, buf: npt.NDArray[np.int16]) -> None:
         """Takes one frame of stream audio (called on the sink's thread)."""

@@ -60,7 +60,9 @@ def split_uri(uri: str) -> tuple[str, str]:
             if scheme == "file:" and rest.startswith("//"):
                 rest = rest[2:]  # file://path as well as file:path
             return scheme, rest
-    raise ConfigError(f"{uri!r}: unknown scheme; use one of tone://FREQ, file:PATH.wav, alsa://DEVICE, sd://DEVICE")
+    raise ConfigError(
+        f"{uri!r}: unknown scheme; use one of tone://FREQ, file:PATH.wav, alsa://DEVICE, sd://DEVICE"
+    )
 
 
 class Pacer:
@@ -98,7 +100,9 @@ class Pacer:
 class ToneSource:
     """A sine wave, phase-continuous across frames, paced in real time."""
 
-    def __init__(self, freq: float, fmt: AudioFormat, level_dbfs: float = -12.0, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, freq: float, fmt: AudioFormat, level_dbfs: float = -12.0, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         if not 0 < freq < fmt.sample_rate / 2:
             raise ConfigError(f"tone://{freq:g}: frequency must be between 0 and {fmt.sample_rate // 2} Hz")
         self.format = fmt
@@ -144,7 +148,7 @@ def convert_audio(x: npt.NDArray[np.float32], rate: int, fmt: AudioFormat) -> np
         else:
             x = np.concatenate([x, np.repeat(x[:, -1:], fmt.channels - ch_in, axis=1)], axis=1)
     if rate != fmt.sample_rate and len(x):
-        import samplerate  # type: ignore[import-untyped]
+        import samplerate
 
         x = samplerate.resample(np.ascontiguousarray(x), fmt.sample_rate / rate, "sinc_best")
         x = np.asarray(x, dtype=np.float32).reshape(-1, fmt.channels)

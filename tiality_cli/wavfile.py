@@ -128,7 +128,7 @@ class WavWriter:
         f = self._f
         if f is None:
             return
-        f.write(memoryview(np.ascontiguousarray(frames)).cast("B"))
+        f.write(np.ascontiguousarray(frames).data)
         n = frames.shape[0]
         self.frames += n
         self._since_sync += n

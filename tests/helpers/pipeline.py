@@ -1,0 +1,49 @@
+"""Runs a real sender and receiver in this process, over a real loopback gRPC connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from tiality_cli.config import AudioFormat, CodecConfig, Endpoint
+from tiality_cli.receiver import Receiver, ReceiverConfig
+from tiality_cli.sender import Sender, SenderConfig, SendResult
+from tiality_cli.sinks import open_sink
+from tiality_cli.sources import open_source
+from tiality_cli.stats import StatsSnapshot
+from tiality_cli.wavfile import WavInfo, read_wav
+
+
+@dataclass
+class Trip:
+    out: npt.NDArray[np.float32]
+    info: WavInfo
+    sent: SendResult
+    snap: StatsSnapshot
+
+
+def stream_file(
+    src: str,
+    out_path: Path,
+    fmt: AudioFormat | None = None,
+    codec: CodecConfig | None = None,
+    seconds: float | None = None,
+) -> Trip:
+    """Streams ``src`` (an input URI) through Opus and gRPC into a WAV file; returns what was written."""
+    fmt = fmt or AudioFormat()
+    rx = Receiver(open_sink(f"file:{out_path}"), ReceiverConfig(port=0, bind="127.0.0.1"))
+    port = rx.start()
+    try:
+        source = open_source(src, fmt)
+        sent = Sender(
+            source, SenderConfig(Endpoint("127.0.0.1", port), codec or CodecConfig(), seconds=seconds)
+        ).run()
+        assert rx.wait_for(streams_ended=1, timeout=10.0), "the receiver never finished the stream"
+        snap = rx.snapshot()
+    finally:
+        rx.stop()
+    out, info = read_wav(out_path)
+    return Trip(out, info, sent, snap)

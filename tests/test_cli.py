@@ -1,0 +1,235 @@
+"""The `tiality` command as a user runs it: real processes, real sockets, exit codes and stderr text."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tiality_cli.receiver import Receiver, ReceiverConfig
+from tiality_cli.sinks import NullSink
+from tiality_cli.wavfile import read_wav
+
+TIALITY = [sys.executable, "-m", "tiality_cli"]
+ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TIALITY, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The whole of stderr, which must be exactly one line (and never a traceback)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def receiver_cli() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`tiality recv --port 0 --json -o null://` in the background; yields it and its bound port."""
+    proc = subprocess.Popen(
+        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    m = re.search(r"listening on port (\d+)", line)
+    assert m, line
+    yield proc, int(m.group(1))
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def test_help_lists_every_command_and_loads_no_heavy_module() -> None:
+    code = (
+        "import sys\n"
+        "from tiality_cli.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('grpc', 'numpy', 'sounddevice', 'alsaaudio', 'opuslib', 'samplerate')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True
+    ).stdout
+    assert "HEAVY []" in out
+    for command in ("send", "recv", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["send", "recv", "demo"])
+def test_every_command_has_help_with_examples(command: str) -> None:
+    proc = run(command, "--help")
+    assert proc.returncode == 0
+    assert "Examples" in proc.stdout and f"tiality {command}" in proc.stdout
+
+
+def test_unreachable_receiver_is_one_line_and_exit_4() -> None:
+    proc = run("send", f"127.0.0.1:{free_port()}", "-i", "tone://440", "--seconds", "1")
+    assert proc.returncode == 4
+    assert re.fullmatch(r"tiality: cannot reach 127\.0\.0\.1:\d+: connection refused.*", one_error_line(proc))
+
+
+def test_unknown_host_is_one_line_and_exit_4() -> None:
+    proc = run("send", "no-such-host.invalid:50052", "-i", "tone://440", "--seconds", "1")
+    assert proc.returncode == 4
+    assert "cannot reach no-such-host.invalid:50052: host name not found" in one_error_line(proc)
+
+
+def test_busy_port_is_one_line_and_exit_5() -> None:
+    first = Receiver(NullSink(), ReceiverConfig(port=0, bind="127.0.0.1"))
+    port = first.start()
+    try:
+        proc = run("recv", "--port", str(port), "--bind", "127.0.0.1", "-o", "null://")
+    finally:
+        first.stop()
+    assert proc.returncode == 5
+    assert f"port {port} is already in use" in one_error_line(proc)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-i", "file:/nonexistent/speech.wav"], 3, "file:/nonexistent/speech.wav: no such file"),
+        (["-i", "foo://bar"], 2, "'foo://bar': unknown scheme; use one of tone://FREQ, file:PATH.wav"),
+        (
+            ["-i", "tone://440", "--frame-ms", "30"],
+            2,
+            "--frame-ms 30: Opus frames are 2.5, 5, 10, 20, 40, 60 ms",
+        ),
+        (["-i", "tone://440", "--bitrate", "1"], 2, "--bitrate 1: Opus takes 6 to 510 kbit/s"),
+        (["-i", "tone://440", "--rate", "44100"], 2, "--rate 44100: Opus encodes only at"),
+        (["-i", "null://"], 2, "null:// is an output, not an input"),
+    ],
+)
+def test_bad_send_options_fail_before_connecting(args: list[str], code: int, message: str) -> None:
+    # Nothing listens on this port: each error must come from checking the input, not the network.
+    proc = run("send", f"127.0.0.1:{free_port()}", *args)
+    assert proc.returncode == code
+    assert message in one_error_line(proc)
+
+
+def test_a_file_that_is_not_wav_is_refused(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.wav"
+    notes.write_text("not audio at all")
+    proc = run("send", f"127.0.0.1:{free_port()}", "-i", f"file:{notes}")
+    assert proc.returncode == 3
+    assert one_error_line(proc) == f"tiality: file:{notes}: not a WAV file (no RIFF/WAVE header)"
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("host:notaport", "address 'host:notaport': port 'notaport': not a number"),
+        ("host:99999", "port 99999: out of range"),
+        ("[::1:50052", "unclosed '['"),
+        ("", "empty"),
+        ("bad host:1", "bad host name"),
+    ],
+)
+def test_malformed_host_port_is_refused(target: str, message: str) -> None:
+    proc = run("send", target, "-i", "tone://440")
+    assert proc.returncode == 2
+    assert message in one_error_line(proc)
+
+
+def test_recv_json_lines_and_summary(receiver_cli: tuple[subprocess.Popen[str], int]) -> None:
+    recv, port = receiver_cli
+    sent = run("send", f"127.0.0.1:{port}", "-i", "tone://440", "--seconds", "2", "--json")
+    assert sent.returncode == 0, sent.stderr
+    send_summary = json.loads(sent.stdout.splitlines()[-1])
+    assert send_summary["event"] == "summary" and send_summary["packets_sent"] == 100
+    assert send_summary["receiver_packets"] == 100 and send_summary["receiver_lost"] == 0
+    recv.send_signal(signal.SIGINT)
+    out, _ = recv.communicate(timeout=20)
+    assert recv.returncode == 0
+    lines = [json.loads(ln) for ln in out.splitlines()]
+    assert lines[-1]["event"] == "summary"
+    assert all(ln["event"] == "stats" for ln in lines[:-1]) and len(lines) >= 2
+    keys = {
+        "packets",
+        "bytes",
+        "lost",
+        "late",
+        "concealed",
+        "duplicates",
+        "jitter_ms",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "bitrate_kbps",
+        "buffer_ms",
+    }
+    assert all(keys <= ln.keys() for ln in lines)
+    summary = lines[-1]
+    assert summary["packets"] == 100 and summary["lost"] == 0, summary
+    # Every frame is played once; the adaptive buffer may add (inserted) or drop (skipped) a frame.
+    assert summary["frames_played"] - summary["inserted"] + summary["skipped"] == 100, summary
+    assert 0 < summary["latency_ms_p50"] < 200
+
+
+def test_receiver_serves_one_stream_after_another(tmp_path: Path) -> None:
+    out = tmp_path / "two.wav"
+    recv = subprocess.Popen(
+        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", f"file:{out}", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert recv.stderr is not None
+        port = int(re.findall(r"port (\d+)", recv.stderr.readline())[0])
+        for seconds in ("1", "1.5"):
+            sent = run("send", f"127.0.0.1:{port}", "-i", "tone://300", "--seconds", seconds, "--json")
+            assert sent.returncode == 0, sent.stderr
+            summary = json.loads(sent.stdout.splitlines()[-1])
+            assert summary["packets_sent"] == summary["receiver_packets"] == round(float(seconds) * 50)
+            assert summary["receiver_lost"] == 0
+        recv.send_signal(signal.SIGTERM)
+        stdout, _ = recv.communicate(timeout=20)
+    finally:
+        recv.kill()
+    assert recv.returncode == 0
+    final = json.loads(stdout.splitlines()[-1])
+    assert final["packets"] == 125 and final["streams"] == 0
+    assert final["frames_played"] - final["inserted"] + final["skipped"] == 125
+    _, info = read_wav(out)
+    assert info.frames == final["frames_played"] * 960  # both streams, back to back, nothing in between
+
+
+def test_recv_seconds_writes_exactly_that_much(tmp_path: Path) -> None:
+    out = tmp_path / "heard.wav"
+    recv = subprocess.Popen(
+        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", f"file:{out}", "--seconds", "1", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert recv.stderr is not None
+    port = int(re.findall(r"port (\d+)", recv.stderr.readline())[0])
+    sent = run("send", f"127.0.0.1:{port}", "-i", "tone://440", "--seconds", "3", "-q")
+    recv.wait(timeout=20)
+    assert recv.returncode == 0
+    assert read_wav(out)[1].frames == 48_000
+    assert sent.returncode in (0, 4)  # the receiver may leave while the sender is still streaming

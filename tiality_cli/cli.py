@@ -1,0 +1,526 @@
+"""The ``tiality`` command line: parses options, runs library objects, presents their figures.
+
+Heavy modules (grpc, numpy, sounddevice, alsaaudio, opuslib) are imported inside the commands so that
+``tiality --help`` stays fast; tests/test_cli.py checks they are absent after it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from tiality_cli.config import DEFAULT_PORT
+from tiality_cli.errors import ConfigError, TialityError
+
+# gRPC's C core logs its own copy of errors we already report in one line; keep stderr to that line.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tiality_cli.receiver import Receiver
+    from tiality_cli.sender import Sender
+
+app = typer.Typer(
+    name="tiality",
+    help="Live audio from a robot's Raspberry Pi to its operator: capture, Opus, gRPC, adaptive playout.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+T = TypeVar("T")
+
+
+def _stderr() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Prints one line on stderr and returns the Exit to raise."""
+    _stderr().print(f"[bold red]tiality:[/] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Runs a command body; library errors become one stderr line and their exit code, never a traceback."""
+    try:
+        return fn()
+    except TialityError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug: still one line, with the type to report it by
+        raise fail(f"internal error: {type(exc).__name__}: {exc}", 70) from None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM set the event (a clean stop with a summary), instead of raising mid-audio."""
+    stop = threading.Event()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        stop.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _kbps(value: float) -> int:
+    return round(value * 1000)
+
+
+def _parse_latency(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text.rstrip("ms").strip())
+    except ValueError:
+        raise ConfigError(f"--latency {text!r}: expected 'auto' or milliseconds, e.g. 40") from None
+
+
+def _parse_channel_map(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--channel-map {text!r}: expected device channel numbers, e.g. 0,1") from None
+    if any(v < 0 for v in values):
+        raise ConfigError(f"--channel-map {text!r}: channel numbers start at 0")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# send
+# ---------------------------------------------------------------------------------------------------------
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  tiality send gui-host:50052                      # default mic, 48 kHz stereo, 20 ms Opus\n\n"
+        "  tiality send 127.0.0.1:50052 -i file:speech.wav\n\n"
+        "  tiality send 127.0.0.1:50052 -i tone://440 --seconds 5 --frame-ms 10 --bitrate 32\n\n"
+        "  tiality send gui-host -i alsa://hw:1,0 --capture-channels 4 --channel-map 0,1"
+    )
+)
+def send(
+    target: Annotated[str, typer.Argument(help="Receiver as HOST:PORT (port defaults to 50052).")],
+    input_: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="tone://HZ, file:PATH.wav, alsa://DEVICE or sd://DEVICE.",
+            show_default=False,
+        ),
+    ] = None,
+    seconds: Annotated[float | None, typer.Option(help="Stop after this much audio.")] = None,
+    frame_ms: Annotated[float, typer.Option(help="Packet duration: 2.5, 5, 10, 20, 40 or 60 ms.")] = 20.0,
+    bitrate: Annotated[float, typer.Option(help="Opus bitrate in kbit/s (6-510).")] = 64.0,
+    rate: Annotated[
+        int, typer.Option(help="Stream sample rate: 8000, 12000, 16000, 24000 or 48000.")
+    ] = 48_000,
+    channels: Annotated[int, typer.Option(help="Encoded channels: 1 or 2.")] = 2,
+    complexity: Annotated[
+        int, typer.Option(help="Opus complexity 0-10 (lower saves CPU on a Pi Zero).")
+    ] = 10,
+    application: Annotated[
+        str, typer.Option(help="voip, audio or restricted-lowdelay.")
+    ] = "restricted-lowdelay",
+    fec: Annotated[
+        bool, typer.Option("--fec/--no-fec", help="Opus in-band FEC (needs --expected-loss > 0).")
+    ] = False,
+    expected_loss: Annotated[int, typer.Option(help="Expected packet loss %, steers FEC.")] = 0,
+    dtx: Annotated[
+        bool, typer.Option("--dtx/--no-dtx", help="Discontinuous transmission in silence.")
+    ] = False,
+    max_backlog: Annotated[
+        float, typer.Option(help="Drop the oldest audio beyond this backlog (ms).")
+    ] = 200.0,
+    capture_channels: Annotated[
+        int | None, typer.Option(help="Channels to open on the device (Pi mic array: 4).")
+    ] = None,
+    channel_map: Annotated[str | None, typer.Option(help="Device channels to encode, e.g. 0,1.")] = None,
+    downmix: Annotated[bool, typer.Option(help="Average all captured channels instead of mapping.")] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="JSON lines of figures, one a second, then a summary.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No live view; errors and the summary only.")
+    ] = False,
+) -> None:
+    """Capture audio, encode it as Opus and stream it to a receiver over gRPC."""
+
+    def body() -> None:
+        from tiality_cli.config import AudioFormat, CodecConfig, frame_us_from_ms, parse_endpoint
+        from tiality_cli.sender import Sender, SenderConfig
+        from tiality_cli.sources import CaptureOptions, open_source
+
+        endpoint = parse_endpoint(target)
+        fmt = AudioFormat(rate, channels, frame_us_from_ms(frame_ms)).validate_opus()
+        codec = CodecConfig(
+            bitrate=_kbps(bitrate),
+            complexity=complexity,
+            application=application,
+            inband_fec=fec,
+            dtx=dtx,
+            packet_loss_perc=expected_loss or (10 if fec else 0),
+        ).validate()
+        if max_backlog <= 0:
+            raise ConfigError(f"--max-backlog {max_backlog:g}: must be positive")
+        uri = input_ or _default_input()
+        capture = CaptureOptions(capture_channels, _parse_channel_map(channel_map), downmix)
+        source = open_source(uri, fmt, capture)
+        sender = Sender(source, SenderConfig(endpoint, codec, max_backlog, seconds))
+        _run_sender(sender, json_=json_, quiet=quiet)
+
+    guarded(body)
+
+
+def _default_input() -> str:
+    from tiality_cli import devices
+
+    return devices.default_input_uri()
+
+
+def _default_output() -> str:
+    from tiality_cli import devices
+
+    return devices.default_output_uri()
+
+
+def _sender_fields(sender: Sender) -> dict[str, Any]:
+    st = sender.stats
+    return {
+        "state": st.state,
+        "source": sender.source.name,
+        "format": sender.format.describe(),
+        "packets_sent": st.packets_sent,
+        "bytes_sent": st.bytes_sent,
+        "backlog_ms": round(st.backlog * sender.format.frame_ms, 1),
+        "dropped": st.dropped,
+        "overruns": sender.source.overruns,
+        "level_dbfs": round(st.level_dbfs, 1),
+        "peak_dbfs": round(st.peak_dbfs, 1),
+    }
+
+
+def _run_sender(sender: Sender, *, json_: bool, quiet: bool) -> None:
+    from tiality_cli.view import json_line, sender_table
+
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = sender.run()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="tiality-send", daemon=True)
+    with stop_on_signals() as stop:
+        thread.start()
+        _present(
+            lambda: not thread.is_alive(),
+            stop,
+            on_stop=sender.stop,
+            table=lambda: sender_table(_sender_fields(sender)),
+            line=lambda: json_line(_sender_fields(sender)) if json_ else None,
+            json_=json_,
+            quiet=quiet,
+        )
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    res = outcome["result"]
+    fields = _sender_fields(sender)
+    fields.update(
+        receiver_packets=res.receiver_packets,
+        receiver_lost=res.receiver_lost,
+        receiver_concealed=res.receiver_concealed,
+        receiver_frames_played=res.receiver_frames_played,
+    )
+    if json_:
+        print(json_line(fields, event="summary"), flush=True)
+    elif not quiet:
+        from rich.console import Console
+
+        Console().print(sender_table(fields, title="tiality send: summary"))
+
+
+def _present(
+    finished: Callable[[], bool],
+    stop: threading.Event,
+    *,
+    on_stop: Callable[[], None],
+    table: Callable[[], Any],
+    line: Callable[[], str | None],
+    json_: bool,
+    quiet: bool,
+) -> None:
+    """Shows live figures until ``finished()`` holds; a signal calls ``on_stop`` once."""
+    stopped = False
+
+    def poll(interval: float) -> bool:
+        nonlocal stopped
+        deadline = time.monotonic() + interval
+        while time.monotonic() < deadline:
+            if finished():
+                return True
+            if stop.wait(0.05) and not stopped:
+                stopped = True
+                on_stop()
+        return finished()
+
+    if json_:
+        while not poll(1.0):
+            text = line()
+            if text:
+                print(text, flush=True)
+        return
+    if quiet or not sys.stdout.isatty():
+        last = time.monotonic()
+        while not poll(0.25):
+            if not quiet and time.monotonic() - last >= 5.0:
+                last = time.monotonic()
+                text = line()
+                if text:
+                    print(text, flush=True)
+        return
+    from rich.live import Live
+
+    with Live(table(), refresh_per_second=4, transient=True) as live:
+        while not poll(0.25):
+            live.update(table())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# recv
+# ---------------------------------------------------------------------------------------------------------
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  tiality recv                                     # port 50052, default speakers\n\n"
+        "  tiality recv --port 50052 -o file:heard.wav --seconds 10\n\n"
+        "  tiality recv -o null:// --json                   # figures only, JSON lines\n\n"
+        "  tiality recv --once -o file:one-stream.wav       # exit when the first stream ends"
+    )
+)
+def recv(
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = DEFAULT_PORT,
+    bind: Annotated[str, typer.Option(help="Local address to listen on (:: = all, IPv4 and IPv6).")] = "::",
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="sd://DEVICE, alsa://DEVICE, file:PATH.wav or null://.", show_default=False
+        ),
+    ] = None,
+    seconds: Annotated[float | None, typer.Option(help="Exit after this much audio has been played.")] = None,
+    once: Annotated[bool, typer.Option(help="Exit when the first stream ends.")] = False,
+    latency: Annotated[
+        str, typer.Option(help="Target buffer: 'auto' (follows jitter) or milliseconds.")
+    ] = "auto",
+    max_latency: Annotated[float, typer.Option(help="Ceiling for the buffer target (ms).")] = 200.0,
+    rate: Annotated[
+        int | None, typer.Option(help="Output rate (devices: 48000; files: the stream's).")
+    ] = None,
+    channels: Annotated[
+        int | None, typer.Option(help="Output channels (devices: 2; files: the stream's).")
+    ] = None,
+    json_: Annotated[
+        bool, typer.Option("--json", help="JSON lines of figures, one a second, then a summary.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No live view; errors and the summary only.")
+    ] = False,
+) -> None:
+    """Receive streams, decode and play them through an adaptive jitter buffer, with live figures."""
+
+    def body() -> None:
+        from tiality_cli.config import AudioFormat, parse_port
+        from tiality_cli.playout import PlayoutConfig
+        from tiality_cli.receiver import Receiver, ReceiverConfig
+        from tiality_cli.sinks import open_sink
+
+        parse_port(str(port), "--port")
+        playout = PlayoutConfig(latency_ms=_parse_latency(latency), max_latency_ms=max_latency).validate()
+        if seconds is not None and seconds <= 0:
+            raise ConfigError(f"--seconds {seconds:g}: must be positive")
+        uri = output or _default_output()
+        fmt = None
+        if rate is not None or channels is not None or uri.startswith(("sd://", "alsa://")):
+            fmt = AudioFormat(rate or 48_000, channels or 2).validate_opus()
+        sink = open_sink(uri, fmt)
+        receiver = Receiver(sink, ReceiverConfig(port=port, bind=bind, playout=playout))
+        _run_receiver(receiver, seconds=seconds, once=once, json_=json_, quiet=quiet)
+
+    guarded(body)
+
+
+def _run_receiver(receiver: Receiver, *, seconds: float | None, once: bool, json_: bool, quiet: bool) -> None:
+    from tiality_cli.sinks import ClockedSink
+    from tiality_cli.view import json_line, plain_line, receiver_table
+
+    receiver.start()
+    sink = receiver.sink
+    # Always on stderr (also with --json): scripts read the bound port here when they pass --port 0.
+    print(f"tiality recv: listening on port {receiver.port}, playing to {sink.name}", file=sys.stderr)
+
+    def played_s() -> float:
+        fmt = sink.format
+        return sink.frames_written / fmt.sample_rate if fmt else 0.0
+
+    def done() -> bool:
+        if seconds is not None and played_s() >= seconds:
+            return True
+        return once and receiver.streams_ended >= 1
+
+    if seconds is not None and isinstance(sink, ClockedSink):
+        sink.limit_seconds = seconds  # a file gets exactly that much audio
+
+    try:
+        with stop_on_signals() as stop:
+            _present(
+                lambda: done() or stop.is_set(),
+                stop,
+                on_stop=lambda: None,
+                table=lambda: receiver_table(receiver.snapshot()),
+                line=lambda: (
+                    json_line(receiver.snapshot().as_dict()) if json_ else plain_line(receiver.snapshot())
+                ),
+                json_=json_,
+                quiet=quiet,
+            )
+    finally:
+        receiver.stop()
+    snap = receiver.snapshot()
+    if json_:
+        print(json_line(snap.as_dict(), event="summary", played_s=round(played_s(), 3)), flush=True)
+    elif not quiet:
+        from rich.console import Console
+
+        Console().print(receiver_table(snap, title="tiality recv: summary"))
+    else:
+        print(plain_line(snap), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------
+@app.command(
+    epilog="Examples:\n\n  tiality demo\n\n  tiality demo --seconds 10 -o /tmp/demo.wav --json",
+)
+def demo(
+    seconds: Annotated[float, typer.Option(help="How long to stream.")] = 5.0,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="WAV file for the received audio.")
+    ] = "demo.wav",
+    input_: Annotated[
+        str, typer.Option("--input", "-i", help="The built-in signal, or any input URI.")
+    ] = "tone://440",
+    json_: Annotated[bool, typer.Option("--json", help="JSON lines instead of the live view.")] = False,
+) -> None:
+    """Stream a built-in signal through a sender and a receiver over loopback gRPC; write what arrives.
+
+    Needs no sound hardware: the whole pipeline (Opus, gRPC, jitter buffer, playout) runs in one
+    process and the received audio goes to a WAV file.
+    """
+
+    def body() -> None:
+        from tiality_cli.config import AudioFormat, CodecConfig, Endpoint
+        from tiality_cli.receiver import Receiver, ReceiverConfig
+        from tiality_cli.sender import Sender, SenderConfig
+        from tiality_cli.sinks import open_sink
+        from tiality_cli.sources import open_source
+        from tiality_cli.view import json_line, receiver_table
+
+        if seconds <= 0:
+            raise ConfigError(f"--seconds {seconds:g}: must be positive")
+        path = output.removeprefix("file:")
+        sink = open_sink(f"file:{path}")
+        receiver = Receiver(sink, ReceiverConfig(port=0, bind="127.0.0.1"))
+        port = receiver.start()
+        try:
+            source = open_source(input_, AudioFormat())
+            sender = Sender(source, SenderConfig(Endpoint("127.0.0.1", port), CodecConfig(), seconds=seconds))
+            if not json_:
+                _stderr().print(
+                    f"tiality demo: {source.name} -> Opus -> gRPC 127.0.0.1:{port} -> playout -> {path}",
+                    markup=False,
+                    highlight=False,
+                )
+            outcome: dict[str, Any] = {}
+
+            def work() -> None:
+                try:
+                    outcome["result"] = sender.run()
+                    receiver.wait_for(streams_ended=1, timeout=5.0)
+                except BaseException as exc:
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=work, name="tiality-demo", daemon=True)
+            with stop_on_signals() as stop:
+                thread.start()
+                _present(
+                    lambda: not thread.is_alive(),
+                    stop,
+                    on_stop=sender.stop,
+                    table=lambda: receiver_table(receiver.snapshot(), title="tiality demo"),
+                    line=lambda: json_line(receiver.snapshot().as_dict()) if json_ else None,
+                    json_=json_,
+                    quiet=False,
+                )
+            thread.join()
+        finally:
+            receiver.stop()
+        if "error" in outcome:
+            raise outcome["error"]
+        snap = receiver.snapshot()
+        played = sink.frames_written / (sink.format.sample_rate if sink.format else 48_000)
+        if json_:
+            print(
+                json_line(snap.as_dict(), event="summary", output=path, played_s=round(played, 3)), flush=True
+            )
+            return
+        from rich.console import Console
+
+        Console().print(receiver_table(snap, title="tiality demo: summary"))
+        Console().print(f"wrote {path}: {played:.2f} s of received audio", markup=False, highlight=False)
+
+    guarded(body)
+
+
+def _register_device_commands() -> None:
+    try:
+        from tiality_cli import cli_devices
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return
+    cli_devices.register(app)
+
+
+_register_device_commands()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,304 @@
+"""The receiver: gRPC streams in, one playout engine per sender, mixed and pulled by the sink.
+
+Usable from the operator's GUI without the CLI::
+
+    sink = open_sink("sd://default")                 # or any object with the Sink protocol
+    with Receiver(sink, ReceiverConfig(port=50052)) as rx:
+        ...                                          # rx.snapshot() for figures, rx.sessions for senders
+
+Threads: one gRPC worker per connected sender only parses messages and queues packets on its session;
+the sink's thread (an audio callback, or a paced thread for files) pulls every session, which decodes,
+conceals and resamples, then mixes them. Sessions are swapped in and out as immutable tuples, so the
+audio path takes no lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from tiality_cli._proto import tiality_pb2 as pb
+from tiality_cli.clock import SYSTEM_CLOCK, Clock
+from tiality_cli.config import DEFAULT_PORT, OPUS_FRAME_US, OPUS_RATES, AudioFormat
+from tiality_cli.errors import ConfigError
+from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
+from tiality_cli.sinks import Sink
+from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
+from tiality_cli.transport import PROTOCOL_VERSION, start_server
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    port: int = DEFAULT_PORT
+    bind: str = "::"  # all interfaces, IPv4 and IPv6
+    playout: PlayoutConfig = field(default_factory=PlayoutConfig)
+    max_senders: int = 8
+
+
+@dataclass(slots=True)
+class Session:
+    """One connected sender."""
+
+    id: int
+    peer: str
+    name: str
+    format: AudioFormat
+    playout: StreamPlayout
+    started_ns: int
+    algorithm_delay: int = 0
+
+    @property
+    def stats(self) -> ReceiverStats:
+        return self.playout.stats
+
+
+def format_from_message(f: pb.StreamFormat) -> AudioFormat:
+    """Validates a sender's StreamFormat; raises ConfigError with the reason to send back."""
+    if f.protocol_version != PROTOCOL_VERSION:
+        raise ConfigError(f"protocol version {f.protocol_version} not supported (this receiver speaks 1)")
+    if f.codec != pb.CODEC_OPUS:
+        raise ConfigError(f"codec {f.codec} not supported (only Opus)")
+    if f.sample_rate not in OPUS_RATES:
+        raise ConfigError(f"sample rate {f.sample_rate} Hz not supported by Opus")
+    if f.channels not in (1, 2):
+        raise ConfigError(f"{f.channels} channels not supported (Opus carries 1 or 2)")
+    if f.frame_duration_us not in OPUS_FRAME_US:
+        raise ConfigError(f"frame duration {f.frame_duration_us} us not supported by Opus")
+    return AudioFormat(f.sample_rate, f.channels, f.frame_duration_us)
+
+
+class Receiver:
+    """Listens for senders and plays what they send to ``sink``."""
+
+    def __init__(self, sink: Sink, config: ReceiverConfig | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.sink = sink
+        self.config = config or ReceiverConfig()
+        self.config.playout.validate()
+        self.clock = clock
+        self.sessions: tuple[Session, ...] = ()
+        self.finished: list[ReceiverStats] = []  # stats of ended streams, for the summary
+        self.streams_started = 0
+        self.streams_ended = 0
+        self.port = 0
+        self.volume = 1.0
+        self.muted = False
+        self._server: grpc.Server | None = None
+        self._lock = threading.Lock()  # guards session changes only, never the audio path
+        self._changed = threading.Condition(self._lock)
+        self._acc = np.zeros((4096, 2), dtype=np.float32)
+        self._tmp = np.zeros((4096, 2), dtype=np.float32)
+        self._sink_started = False
+        self._next_id = 1
+        self._rates = (RateMeter(), RateMeter())
+
+    # ---- life cycle -----------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Binds the port and, for a sink with a fixed format (a device), starts playing silence."""
+        self._server, self.port = start_server(self._handle, self.config.bind, self.config.port)
+        if self.sink.format is not None:
+            self._start_sink(self.sink.format)
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=0.5).wait()
+            self._server = None
+        self.sink.close()
+
+    def __enter__(self) -> Receiver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start_sink(self, fmt: AudioFormat) -> None:
+        if self._sink_started:
+            return
+        if self.sink.format is None:
+            self.sink.open(fmt)
+        out = self.sink.format or fmt
+        self._acc = np.zeros((max(4096, out.frame_samples), out.channels), dtype=np.float32)
+        self._tmp = np.zeros_like(self._acc)
+        self.sink.start(self.fill)
+        self._sink_started = True
+
+    # ---- the sink's clock -----------------------------------------------------------------------------
+    def fill(self, out: npt.NDArray[np.int16]) -> bool:
+        """Sink callback: mixes every session into ``out`` (int16, n x channels). Never blocks."""
+        sessions = self.sessions
+        n = len(out)
+        if not sessions:
+            out[:] = 0
+            return False
+        if n > len(self._acc):  # a device asking for an unusually large block: grow once
+            self._acc = np.zeros((n, out.shape[1]), dtype=np.float32)
+            self._tmp = np.zeros_like(self._acc)
+        acc = self._acc[:n]
+        playing = sessions[0].playout.pull(acc)
+        done = sessions[0].playout.state == State.FINISHED
+        if len(sessions) > 1:
+            tmp = self._tmp[:n]
+            for s in sessions[1:]:
+                if s.playout.pull(tmp):
+                    playing = True
+                    acc += tmp
+                done = done or s.playout.state == State.FINISHED
+        if done:
+            self._retire()
+        gain = 0.0 if self.muted else self.volume * 32768.0
+        np.multiply(acc, gain, out=acc)
+        np.rint(acc, out=acc)
+        np.clip(acc, -32768, 32767, out=acc)
+        out[:] = acc
+        return playing
+
+    def _retire(self) -> None:
+        with self._lock:
+            keep = []
+            for s in self.sessions:
+                if s.playout.state == State.FINISHED:
+                    self.finished.append(s.stats)
+                    self.streams_ended += 1
+                else:
+                    keep.append(s)
+            self.sessions = tuple(keep)
+            self._changed.notify_all()
+
+    # ---- gRPC side ------------------------------------------------------------------------------------
+    def _handle(
+        self, requests: Iterator[pb.StreamMessage], context: grpc.ServicerContext
+    ) -> pb.StreamSummary:
+        try:
+            first = next(requests)
+        except StopIteration:
+            return pb.StreamSummary()
+        if first.WhichOneof("body") != "format":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the stream format")
+        try:
+            fmt = format_from_message(first.format)
+        except ConfigError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if len(self.sessions) >= self.config.max_senders:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"receiver busy: {self.config.max_senders} senders already",
+            )
+        session = self._open_session(context.peer(), first.format, fmt)
+        playout = session.playout
+        try:
+            for msg in requests:
+                if msg.WhichOneof("body") == "packet":
+                    p = msg.packet
+                    playout.push(p.sequence, p.capture_time_ns, p.payload)
+        except Exception:  # the sender vanished mid-stream: play what arrived, then end
+            pass
+        finally:
+            playout.end()
+        # Answer once the buffered audio has been played, so the summary counts all of it.
+        playout.finished.wait(timeout=self.config.playout.max_latency_ms / 1000 + 2.0)
+        st = playout.stats
+        return pb.StreamSummary(
+            packets=st.packets,
+            bytes=st.bytes,
+            lost=st.lost,
+            late=st.late,
+            concealed=st.concealed,
+            duplicates=st.duplicates,
+            frames_played=st.frames_played,
+        )
+
+    def _open_session(self, peer: str, f: pb.StreamFormat, fmt: AudioFormat) -> Session:
+        with self._lock:
+            if not self._sink_started:
+                self._start_sink(fmt)
+            out = self.sink.format or fmt
+            playout = StreamPlayout(fmt, out, self.config.playout, self.clock, fec=f.inband_fec)
+            s = Session(
+                id=self._next_id,
+                peer=peer,
+                name=f.sender_name,
+                format=fmt,
+                playout=playout,
+                started_ns=self.clock.monotonic_ns(),
+                algorithm_delay=f.algorithm_delay_samples,
+            )
+            self._next_id += 1
+            self.streams_started += 1
+            self.sessions = (*self.sessions, s)
+            self._changed.notify_all()
+            return s
+
+    # ---- for presenters -------------------------------------------------------------------------------
+    def wait_for(self, *, streams_ended: int, timeout: float | None = None) -> bool:
+        """Blocks until at least ``streams_ended`` streams have finished playing."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self.streams_ended < streams_ended:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left if left is None else min(left, 0.5))
+        return True
+
+    def all_stats(self) -> list[ReceiverStats]:
+        with self._lock:
+            return [*self.finished, *(s.stats for s in self.sessions)]
+
+    def snapshot(self) -> StatsSnapshot:
+        """Totals over every stream so far; windowed figures from the live ones (or the last one)."""
+        stats = self.all_stats()
+        live = [s.stats for s in self.sessions] or stats[-1:]
+        now = self.clock.monotonic_ns()
+        total = {k: sum(getattr(s, k) for s in stats) for k in _COUNTERS}
+        lat = np.concatenate([s.latency_ms.values() for s in live]) if live else np.zeros(0)
+        peak = max((s.peak for s in live), default=0.0)
+        rms = max((s.rms for s in live), default=0.0)
+        underruns = int(getattr(self.sink, "underruns", 0))
+        return StatsSnapshot(
+            packets=total["packets"],
+            bytes=total["bytes"],
+            lost=total["lost"],
+            late=total["late"],
+            concealed=total["concealed"],
+            fec_recovered=total["fec_recovered"],
+            duplicates=total["duplicates"],
+            corrupt=total["corrupt"],
+            skipped=total["skipped"],
+            inserted=total["inserted"],
+            frames_played=total["frames_played"],
+            jitter_ms=max((s.jitter_ns for s in live), default=0.0) / 1e6,
+            latency_ms_p50=float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            latency_ms_p95=float(np.percentile(lat, 95)) if len(lat) else float("nan"),
+            latency_ms_max=float(lat.max()) if len(lat) else float("nan"),
+            bitrate_kbps=self._rates[0].rate(total["bytes"], now) * 8 / 1000,
+            packets_per_s=self._rates[1].rate(total["packets"], now),
+            buffer_ms=max((s.buffer_ms for s in live), default=0.0),
+            target_ms=max((s.target_ms for s in live), default=0.0),
+            drift_ppm=live[0].drift_ppm if live else 0.0,
+            level_dbfs=dbfs(rms),
+            peak_dbfs=dbfs(peak),
+            streams=len(self.sessions),
+            underruns=underruns,
+        )
+
+
+_COUNTERS = (
+    "packets",
+    "lost",
+    "bytes",
+    "late",
+    "concealed",
+    "fec_recovered",
+    "duplicates",
+    "corrupt",
+    "skipped",
+    "inserted",
+    "frames_played",
+)

@@ -1,0 +1,234 @@
+"""The sender: capture -> Opus -> a bounded backlog -> one gRPC client stream.
+
+Usable from the robot's own code without the CLI::
+
+    src = open_source("alsa://hw:1,0", AudioFormat())
+    result = Sender(src, SenderConfig(endpoint=parse_endpoint("gui-host:50052"))).run()
+
+Two threads: the capture thread reads the source (the sound card's clock paces it), encodes each frame
+and appends it to the backlog; gRPC's request thread takes packets from the backlog and writes them.
+When the network blocks, capture carries on and the oldest packets are dropped once the backlog exceeds
+``max_backlog_ms`` (counted): audio never piles up into latency.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from tiality_cli._proto import tiality_pb2 as pb
+from tiality_cli.clock import SYSTEM_CLOCK, Clock
+from tiality_cli.codec import OpusEncoder
+from tiality_cli.config import CodecConfig, Endpoint
+from tiality_cli.errors import ConnectError, TialityError
+from tiality_cli.sources import Source
+from tiality_cli.stats import dbfs
+from tiality_cli.transport import PROTOCOL_VERSION, map_rpc_error, open_channel, stream_stub
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    endpoint: Endpoint
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    max_backlog_ms: float = (
+        200.0  # older audio is dropped beyond this; keeps latency bounded on a blocked link
+    )
+    seconds: float | None = None  # stop after this much audio; None: until the source ends or stop()
+    name: str = field(default_factory=socket.gethostname)
+    connect_timeout_s: float = 5.0  # how long to wait for the receiver to answer at all
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    packets_sent: int
+    bytes_sent: int
+    dropped: int
+    frames_captured: int
+    receiver_packets: int  # what the receiver said it got (its StreamSummary)
+    receiver_lost: int
+    receiver_concealed: int
+    receiver_frames_played: int
+
+
+class SenderStats:
+    """Live counters (written by the capture and network threads; read by presenters)."""
+
+    def __init__(self) -> None:
+        self.frames_captured = 0
+        self.packets_sent = 0
+        self.bytes_sent = 0
+        self.dropped = 0  # packets dropped from the backlog because the network could not keep up
+        self.backlog = 0  # packets waiting to be sent
+        self.peak = 0
+        self.rms = 0.0
+        self.state = "starting"  # starting, connecting, streaming, draining, done, failed
+
+    @property
+    def level_dbfs(self) -> float:
+        return dbfs(self.rms)
+
+    @property
+    def peak_dbfs(self) -> float:
+        return dbfs(float(self.peak))
+
+
+class Sender:
+    """Streams one source to one receiver; ``run()`` blocks until the stream ends."""
+
+    def __init__(self, source: Source, config: SenderConfig, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.source = source
+        self.config = config
+        self.clock = clock
+        self.format = source.format
+        self.encoder = OpusEncoder(self.format, config.codec)
+        self.stats = SenderStats()
+        self._backlog: deque[tuple[int, int, bytes]] = deque()
+        self._max_backlog = max(1, int(config.max_backlog_ms * 1000 // self.format.frame_us))
+        self._ready = threading.Event()
+        self._captured_all = threading.Event()
+        self._stop = threading.Event()
+        self._capture_error: BaseException | None = None
+        self._capture_thread: threading.Thread | None = None
+
+    def stop(self) -> None:
+        """Ends the stream cleanly: what is captured so far is sent, then the stream closes."""
+        self._stop.set()
+        self.source.close()
+        self._ready.set()
+
+    # ---- capture thread -------------------------------------------------------------------------------
+    def _capture(self) -> None:
+        fmt, enc, st = self.format, self.encoder, self.stats
+        limit = None if self.config.seconds is None else round(self.config.seconds * 1e6 / fmt.frame_us)
+        seq = 0
+        buf = enc.input
+        flat = np.zeros(buf.size, dtype=np.float32)  # for the level meter: int16 squares overflow
+        try:
+            while not self._stop.is_set() and (limit is None or seq < limit):
+                t = self.source.read(buf)
+                if t is None:
+                    break
+                st.peak = max(int(buf.max()), -int(buf.min()))
+                np.copyto(flat, buf.reshape(-1))
+                st.rms = float(np.sqrt(np.dot(flat, flat) / flat.size))
+                payload = enc.encode()
+                self._backlog.append((seq, t, payload))
+                if len(self._backlog) > self._max_backlog:
+                    self._backlog.popleft()
+                    st.dropped += 1
+                st.backlog = len(self._backlog)
+                seq += 1
+                st.frames_captured = seq
+                self._ready.set()
+        except BaseException as exc:  # surfaced by run() on the caller's thread
+            self._capture_error = exc
+        finally:
+            self._captured_all.set()
+            self._ready.set()
+
+    # ---- network side ---------------------------------------------------------------------------------
+    def _messages(self) -> Iterator[pb.StreamMessage]:
+        fmt, st, cfg = self.format, self.stats, self.config
+        # Capture starts when gRPC starts pulling this iterator, i.e. once the call is open: audio
+        # captured while connecting would reach the receiver as a burst of already-old packets.
+        self.source.open()
+        self._capture_thread = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
+        self._capture_thread.start()
+        yield pb.StreamMessage(
+            format=pb.StreamFormat(
+                protocol_version=PROTOCOL_VERSION,
+                codec=pb.CODEC_OPUS,
+                sample_rate=fmt.sample_rate,
+                channels=fmt.channels,
+                frame_duration_us=fmt.frame_us,
+                algorithm_delay_samples=self.encoder.lookahead,
+                bitrate_bps=cfg.codec.bitrate,
+                inband_fec=cfg.codec.inband_fec,
+                dtx=cfg.codec.dtx,
+                sender_name=f"{cfg.name} {self.source.name}"[:200],
+                first_sequence=0,
+            )
+        )
+        st.state = "streaming"
+        backlog, ready = self._backlog, self._ready
+        while True:
+            try:
+                seq, t, payload = backlog.popleft()
+            except IndexError:
+                if self._captured_all.is_set():
+                    return
+                ready.wait(0.5)
+                ready.clear()
+                continue
+            st.backlog = len(backlog)
+            st.packets_sent += 1
+            st.bytes_sent += len(payload)
+            yield pb.StreamMessage(
+                packet=pb.AudioPacket(sequence=seq & 0xFFFFFFFF, capture_time_ns=t, payload=payload)
+            )
+
+    def run(self) -> SendResult:
+        """Connects, streams until the source ends (or ``seconds``, or ``stop()``), returns the totals."""
+        target = self.config.endpoint.target
+        channel = open_channel(self.config.endpoint)
+        st = self.stats
+        try:
+            st.state = "connecting"
+            self._wait_ready(channel, target)
+            try:
+                summary = stream_stub(channel).Stream(self._messages(), wait_for_ready=False)
+            except grpc.RpcError as err:
+                st.state = "failed"
+                raise map_rpc_error(err, target) from None
+            finally:
+                self.stop()
+                if self._capture_thread is not None:
+                    self._capture_thread.join(timeout=2.0)
+            if self._capture_error is not None:
+                if isinstance(self._capture_error, TialityError):
+                    raise self._capture_error
+                raise self._capture_error
+            st.state = "done"
+            return SendResult(
+                packets_sent=st.packets_sent,
+                bytes_sent=st.bytes_sent,
+                dropped=st.dropped,
+                frames_captured=st.frames_captured,
+                receiver_packets=summary.packets,
+                receiver_lost=summary.lost,
+                receiver_concealed=summary.concealed,
+                receiver_frames_played=summary.frames_played,
+            )
+        finally:
+            self.source.close()
+            channel.close()
+
+    def _wait_ready(self, channel: grpc.Channel, target: str) -> None:
+        """Returns once connected; fails fast (refused, unknown host) or after ``connect_timeout_s``."""
+        settled = threading.Event()
+        last: list[grpc.ChannelConnectivity] = []
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            last.append(state)
+            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+                settled.set()
+
+        channel.subscribe(watch, try_to_connect=True)
+        try:
+            settled.wait(self.config.connect_timeout_s)
+        finally:
+            channel.unsubscribe(watch)
+        if last and last[-1] == grpc.ChannelConnectivity.READY:
+            return
+        if settled.is_set():  # TRANSIENT_FAILURE: a short RPC tells why, in gRPC's words
+            try:
+                stream_stub(channel).Stream(iter(()), timeout=2.0, wait_for_ready=False)
+            except grpc.RpcError as err:
+                raise map_rpc_error(err, target) from None
+        raise ConnectError(f"cannot reach {target}: no answer within {self.config.connect_timeout_s:g} s")

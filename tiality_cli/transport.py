@@ -1,0 +1,148 @@
+"""gRPC only: channel and server options, the servicer shell, and RpcError -> TialityError mapping.
+
+Everything else in tiality is transport-agnostic: the receiver hands this module a callback per stream,
+the sender hands it an iterator of messages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from tiality_cli._proto import tiality_pb2 as pb
+from tiality_cli._proto import tiality_pb2_grpc as pb_grpc
+from tiality_cli.config import Endpoint
+from tiality_cli.errors import (
+    AddressInUseError,
+    AuthError,
+    ConfigError,
+    ConnectError,
+    RejectedError,
+    TialityError,
+)
+
+PROTOCOL_VERSION = 1
+# A 60 ms stereo Opus packet at 510 kbit/s is under 4 kB; 64 KiB leaves room and bounds what a
+# hostile peer can make the receiver allocate per message.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+# Keepalive: a dead Wi-Fi link is noticed within ~15 s instead of the TCP default of hours.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),  # a live stream is never replayed
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.so_reuseport", 0),  # otherwise a second receiver silently shares the port
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+StreamHandler = Callable[[Iterator[pb.StreamMessage], grpc.ServicerContext], pb.StreamSummary]
+
+
+class _Servicer(pb_grpc.AudioStreamServicer):
+    def __init__(self, handler: StreamHandler) -> None:
+        self._handler = handler
+
+    def Stream(
+        self, request_iterator: Iterator[pb.StreamMessage], context: grpc.ServicerContext
+    ) -> pb.StreamSummary:
+        return self._handler(request_iterator, context)
+
+
+def bind_address(host: str, port: int) -> str:
+    h = host.strip("[]")
+    return f"[{h}]:{port}" if ":" in h else f"{h}:{port}"
+
+
+def start_server(
+    handler: StreamHandler, host: str, port: int, max_streams: int = 16
+) -> tuple[grpc.Server, int]:
+    """Starts the receiver's gRPC server; returns it and the bound port (useful with port 0)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="tiality-rpc"),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_streams + 4,
+    )
+    pb_grpc.add_AudioStreamServicer_to_server(_Servicer(handler), server)
+    address = bind_address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        server.stop(None)
+        if port:
+            raise AddressInUseError(
+                f"cannot listen on {address}: port {port} is already in use (another tiality recv?); "
+                "pick another with --port"
+            )
+        raise ConfigError(f"cannot listen on {address}: no such local address")
+    server.start()
+    return server, bound
+
+
+def open_channel(endpoint: Endpoint) -> grpc.Channel:
+    return grpc.insecure_channel(endpoint.target, options=CHANNEL_OPTIONS)
+
+
+def stream_stub(channel: grpc.Channel) -> pb_grpc.AudioStreamStub:
+    return pb_grpc.AudioStreamStub(channel)
+
+
+_REASONS = (
+    (re.compile(r"connection refused", re.I), "connection refused (is `tiality recv` running there?)"),
+    (re.compile(r"DNS resolution failed|name or service not known|resolv", re.I), "host name not found"),
+    (re.compile(r"no route to host|network is unreachable", re.I), "no route to host"),
+    (re.compile(r"deadline|timed out|timeout", re.I), "no answer (timed out)"),
+    (re.compile(r"Socket closed|Connection reset|broken pipe|GOAWAY|EOF", re.I), "connection lost"),
+)
+
+
+def describe_unavailable(details: str) -> str:
+    for pattern, text in _REASONS:
+        if pattern.search(details):
+            return text
+    first = details.splitlines()[0] if details else "unavailable"
+    return first[:160]
+
+
+def map_rpc_error(err: grpc.RpcError, target: str) -> TialityError:
+    """One clear line for what went wrong with a stream to ``target``."""
+    code = err.code() if hasattr(err, "code") else None
+    details = (err.details() if hasattr(err, "details") else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ConnectError(f"cannot reach {target}: {describe_unavailable(details)}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ConnectError(f"cannot reach {target}: no answer (timed out)")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(f"{target} refused the stream: {details or 'authentication required'}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return AuthError(f"{target} refused the stream: {details or 'permission denied'}")
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    ):
+        return RejectedError(f"{target} refused the stream: {details or code.name}")
+    name = code.name if code is not None else "error"
+    return ConnectError(f"stream to {target} failed: {name}: {details}".rstrip(": "))
