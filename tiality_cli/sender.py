@@ -65,6 +65,7 @@ class SenderStats:
         self.bytes_sent = 0
         self.dropped = 0  # packets dropped from the backlog because the network could not keep up
         self.backlog = 0  # packets waiting to be sent
+        self.backlog_peak = 0  # the most packets that ever waited (bounded by --max-backlog)
         self.peak = 0
         self.rms = 0.0
         self.state = "starting"  # starting, connecting, streaming, draining, done, failed
@@ -122,7 +123,9 @@ class Sender:
                 if len(self._backlog) > self._max_backlog:
                     self._backlog.popleft()
                     st.dropped += 1
-                st.backlog = len(self._backlog)
+                st.backlog = n = len(self._backlog)
+                if n > st.backlog_peak:
+                    st.backlog_peak = n
                 seq += 1
                 st.frames_captured = seq
                 self._ready.set()

@@ -29,6 +29,7 @@ PROTOCOL_VERSION = 1
 # A 60 ms stereo Opus packet at 510 kbit/s is under 4 kB; 64 KiB leaves room and bounds what a
 # hostile peer can make the receiver allocate per message.
 MAX_MESSAGE_BYTES = 64 * 1024
+FLOW_WINDOW_BYTES = 4096  # ~0.5 s at 64 kbit/s; still ~20x the bandwidth-delay product of Wi-Fi
 
 # Keepalive: a dead Wi-Fi link is noticed within ~15 s instead of the TCP default of hours.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -45,6 +46,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),  # otherwise a second receiver silently shares the port
+    # Flow control: a small fixed window, so that a stalled link blocks the sender after ~0.5 s of
+    # audio instead of letting seconds pile up in HTTP/2 and TCP buffers. The sender's own backlog
+    # (--max-backlog) then decides what to drop, and no stale audio is in flight when the link recovers.
+    ("grpc.http2.lookahead_bytes", FLOW_WINDOW_BYTES),
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
