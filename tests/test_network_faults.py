@@ -11,7 +11,7 @@ import pytest
 from helpers.proxy import FaultProxy
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.receiver import Receiver, ReceiverConfig
-from tiality_cli.sender import SendResult, Sender, SenderConfig
+from tiality_cli.sender import Sender, SenderConfig, SendResult
 from tiality_cli.sinks import NullSink
 from tiality_cli.sources import open_source
 
@@ -69,7 +69,7 @@ def test_a_stalled_link_makes_the_sender_drop_its_oldest_audio(link: tuple[Recei
 
 
 def test_a_larger_backlog_allows_more_before_dropping(link: tuple[Receiver, FaultProxy]) -> None:
-    rx, proxy = link
+    _, proxy = link
     sender, thread, _ = start_sender(proxy.port, seconds=3.0, max_backlog_ms=600)
     wait_until(lambda: sender.stats.packets_sent >= 10, 10, "the stream to start")
     proxy.stall()
