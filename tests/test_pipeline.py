@@ -18,6 +18,7 @@ from helpers.signals import (
     trim_aligned,
 )
 from tiality_cli.config import AudioFormat, CodecConfig
+from tiality_cli.playout import PlayoutConfig
 from tiality_cli.sources import convert_audio
 from tiality_cli.wavfile import write_wav
 
@@ -55,7 +56,15 @@ def test_frame_sizes_layouts_and_rates_round_trip(
     write_wav(clip, convert_audio(speech, 48_000, AudioFormat(48_000, 1, 20_000)), 48_000)
     fmt = AudioFormat(rate, channels, round(frame_ms * 1000))
     # 128 kbit/s: at 2.5 ms, stereo Opus needs it (64 kbit/s leaves 20 bytes a frame: ~1 dB seg. SNR).
-    trip = stream_file(f"file:{clip}", tmp_path / "out.wav", fmt, CodecConfig(bitrate=128_000))
+    # A fixed 60 ms buffer: this test is about formats, and an adaptive buffer learning the jitter of
+    # a loaded machine within a 0.8 s clip would make it about scheduling (covered elsewhere).
+    trip = stream_file(
+        f"file:{clip}",
+        tmp_path / "out.wav",
+        fmt,
+        CodecConfig(bitrate=128_000),
+        playout=PlayoutConfig(latency_ms=60),
+    )
     frames = -(-round(0.8 * rate) // fmt.frame_samples)
     assert (trip.info.sample_rate, trip.info.channels) == (rate, channels)
     s = trip.snap
@@ -65,4 +74,7 @@ def test_frame_sizes_layouts_and_rates_round_trip(
     ref = convert_audio(speech, 48_000, fmt).astype(np.float32) / 32768
     lag = align(ref[:, :1], trip.out[:, :1], max_lag_samples=rate // 10)
     a, b = trim_aligned(ref, trip.out, lag)
-    assert segmental_snr_db(a, follow_warp(a, b, rate), rate) >= 15.0, s
+    # On a loaded machine the buffer may skip or insert a frame (2.5 ms frames: a few samples each);
+    # follow the timeline through those shifts and judge the content.
+    warped = follow_warp(a, b, rate, max_shift_ms=10.0)
+    assert segmental_snr_db(a, warped, rate) >= 15.0, (s.skipped, s.inserted, s.late, lag)

@@ -30,7 +30,7 @@ from tiality_cli.errors import ConfigError
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.sinks import Sink
 from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
-from tiality_cli.transport import PROTOCOL_VERSION, start_server
+from tiality_cli.transport import PROTOCOL_VERSION, Health, start_server
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,8 @@ class Session:
     playout: StreamPlayout
     started_ns: int
     algorithm_delay: int = 0
+    clock_offset_ns: int = 0  # receiver clock - sender clock, as the sender last estimated it
+    clock_round_trip_ns: int = 0  # the round trip that estimate came from (its uncertainty is half)
 
     @property
     def stats(self) -> ReceiverStats:
@@ -89,6 +91,9 @@ class Receiver:
         self.volume = 1.0
         self.muted = False
         self._server: grpc.Server | None = None
+        self._health: Health | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._lock = threading.Lock()  # guards session changes only, never the audio path
         self._changed = threading.Condition(self._lock)
         self._acc = np.zeros((4096, 2), dtype=np.float32)
@@ -100,12 +105,34 @@ class Receiver:
     # ---- life cycle -----------------------------------------------------------------------------------
     def start(self) -> int:
         """Binds the port and, for a sink with a fixed format (a device), starts playing silence."""
-        self._server, self.port = start_server(self._handle, self.config.bind, self.config.port)
+        self._server, self.port, self._health = start_server(
+            self._handle, self.config.bind, self.config.port, wall_ns=self.clock.wall_ns
+        )
         if self.sink.format is not None:
             self._start_sink(self.sink.format)
+        self._stopping.clear()
+        self._watchdog = threading.Thread(target=self._watch, name="tiality-health", daemon=True)
+        self._watchdog.start()
         return self.port
 
+    @property
+    def output_error(self) -> BaseException | None:
+        """What stopped the audio output (a device unplugged...), or None while it works."""
+        err = getattr(self.sink, "error", None)
+        return err if isinstance(err, BaseException) else None
+
+    def _watch(self) -> None:
+        """Keeps the gRPC health status in step with the audio output, once a second."""
+        while True:
+            if self._health is not None:
+                self._health.set(self.output_error is None)
+            if self._stopping.wait(1.0):
+                return
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._health is not None:
+            self._health.shutdown()
         if self._server is not None:
             self._server.stop(grace=0.5).wait()
             self._server = None
@@ -193,10 +220,16 @@ class Receiver:
         session = self._open_session(context.peer(), first.format, fmt)
         playout = session.playout
         try:
+            offset = 0  # receiver clock - sender clock, from the sender's ClockEstimate
             for msg in requests:
-                if msg.WhichOneof("body") == "packet":
+                kind = msg.WhichOneof("body")
+                if kind == "packet":
                     p = msg.packet
-                    playout.push(p.sequence, p.capture_time_ns, p.payload)
+                    playout.push(p.sequence, p.capture_time_ns + offset, p.payload)
+                elif kind == "clock":
+                    offset = msg.clock.offset_ns
+                    session.clock_offset_ns = offset
+                    session.clock_round_trip_ns = msg.clock.round_trip_ns
         except Exception:  # the sender vanished mid-stream: play what arrived, then end
             pass
         finally:

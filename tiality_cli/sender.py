@@ -23,7 +23,9 @@ import grpc
 import numpy as np
 
 from tiality_cli._proto import tiality_pb2 as pb
+from tiality_cli._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
+from tiality_cli.clocksync import ClockFilter, ClockSample, sample
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import CodecConfig, Endpoint
 from tiality_cli.errors import ConnectError, TialityError
@@ -42,6 +44,8 @@ class SenderConfig:
     seconds: float | None = None  # stop after this much audio; None: until the source ends or stop()
     name: str = field(default_factory=socket.gethostname)
     connect_timeout_s: float = 5.0  # how long to wait for the receiver to answer at all
+    clock_sync: bool = True  # estimate the receiver's clock offset, so it reports one-way latency
+    clock_sync_every_s: float = 10.0  # re-estimate this often (clocks drift; NTP may step them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,8 @@ class Sender:
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
         self._capture_thread: threading.Thread | None = None
+        self.clock_filter = ClockFilter()
+        self._clock_pending: ClockSample | None = None
 
     def stop(self) -> None:
         """Ends the stream cleanly: what is captured so far is sent, then the stream closes."""
@@ -161,6 +167,16 @@ class Sender:
         st.state = "streaming"
         backlog, ready = self._backlog, self._ready
         while True:
+            est = self._clock_pending
+            if est is not None:
+                self._clock_pending = None
+                yield pb.StreamMessage(
+                    clock=pb.ClockEstimate(
+                        offset_ns=est.offset_ns,
+                        round_trip_ns=est.round_trip_ns,
+                        samples=self.clock_filter.count,
+                    )
+                )
             try:
                 seq, t, payload = backlog.popleft()
             except IndexError:
@@ -184,8 +200,14 @@ class Sender:
         try:
             st.state = "connecting"
             self._wait_ready(channel, target)
+            stub = stream_stub(channel)
+            if self.config.clock_sync:
+                self._probe_clock(stub, 8)
+                threading.Thread(
+                    target=self._clock_loop, args=(stub,), name="tiality-clock", daemon=True
+                ).start()
             try:
-                summary = stream_stub(channel).Stream(self._messages(), wait_for_ready=False)
+                summary = stub.Stream(self._messages(), wait_for_ready=False)
             except grpc.RpcError as err:
                 st.state = "failed"
                 raise map_rpc_error(err, target) from None
@@ -211,6 +233,23 @@ class Sender:
         finally:
             self.source.close()
             channel.close()
+
+    def _probe_clock(self, stub: pb_grpc.AudioStreamStub, exchanges: int) -> None:
+        """A few NTP-style exchanges; the best one becomes the estimate sent in-band."""
+        wall = self.clock.wall_ns
+        for _ in range(exchanges):
+            t0 = wall()
+            try:
+                reply = stub.Clock(pb.ClockProbe(sender_send_ns=t0), timeout=2.0)
+            except grpc.RpcError:
+                return  # an older receiver, or a hiccup: latency then assumes synchronised clocks
+            self.clock_filter.add(sample(t0, reply.receiver_receive_ns, reply.receiver_send_ns, wall()))
+        self._clock_pending = self.clock_filter.best()
+        self._ready.set()
+
+    def _clock_loop(self, stub: pb_grpc.AudioStreamStub) -> None:
+        while not self._stop.wait(self.config.clock_sync_every_s):
+            self._probe_clock(stub, 4)
 
     def _wait_ready(self, channel: grpc.Channel, target: str) -> None:
         """Returns once connected; fails fast (refused, unknown host) or after ``connect_timeout_s``."""

@@ -7,6 +7,7 @@ the sender hands it an iterator of messages.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -61,11 +62,19 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 StreamHandler = Callable[[Iterator[pb.StreamMessage], grpc.ServicerContext], pb.StreamSummary]
+WallClock = Callable[[], int]
 
 
 class _Servicer(pb_grpc.AudioStreamServicer):
-    def __init__(self, handler: StreamHandler) -> None:
+    def __init__(self, handler: StreamHandler, wall_ns: WallClock) -> None:
         self._handler = handler
+        self._wall_ns = wall_ns
+
+    def Clock(self, request: pb.ClockProbe, context: grpc.ServicerContext) -> pb.ClockReply:
+        t1 = self._wall_ns()
+        return pb.ClockReply(
+            sender_send_ns=request.sender_send_ns, receiver_receive_ns=t1, receiver_send_ns=self._wall_ns()
+        )
 
     def Stream(
         self, request_iterator: Iterator[pb.StreamMessage], context: grpc.ServicerContext
@@ -78,16 +87,53 @@ def bind_address(host: str, port: int) -> str:
     return f"[{h}]:{port}" if ":" in h else f"{h}:{port}"
 
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AudioStream"].full_name  # "tiality.v1.AudioStream"
+
+
+class Health:
+    """The standard gRPC health service (grpc.health.v1): SERVING while the audio output runs."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        self._serving = health_pb2.HealthCheckResponse.SERVING
+        self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        self._servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+        self.set(False)
+
+    def set(self, serving: bool) -> None:
+        for name in ("", SERVICE_NAME):
+            self._servicer.set(name, self._serving if serving else self._not_serving)
+
+    def shutdown(self) -> None:
+        self._servicer.enter_graceful_shutdown()
+
+
 def start_server(
-    handler: StreamHandler, host: str, port: int, max_streams: int = 16
-) -> tuple[grpc.Server, int]:
-    """Starts the receiver's gRPC server; returns it and the bound port (useful with port 0)."""
+    handler: StreamHandler,
+    host: str,
+    port: int,
+    max_streams: int = 16,
+    wall_ns: WallClock = time.time_ns,
+) -> tuple[grpc.Server, int, Health]:
+    """Starts the receiver's gRPC server with health and reflection; returns it, its port and health.
+
+    Standard tools can then probe a receiver: ``grpc_health_probe -addr=HOST:50052`` or
+    ``grpcurl -plaintext HOST:50052 list``.
+    """
+    from grpc_reflection.v1alpha import reflection
+
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="tiality-rpc"),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_streams + 4,
     )
-    pb_grpc.add_AudioStreamServicer_to_server(_Servicer(handler), server)
+    pb_grpc.add_AudioStreamServicer_to_server(_Servicer(handler, wall_ns), server)
+    health = Health(server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+    )
     address = bind_address(host, port)
     try:
         bound = server.add_insecure_port(address)
@@ -102,7 +148,7 @@ def start_server(
             )
         raise ConfigError(f"cannot listen on {address}: no such local address")
     server.start()
-    return server, bound
+    return server, bound, health
 
 
 def open_channel(endpoint: Endpoint) -> grpc.Channel:

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tiality_cli.config import AudioFormat, CodecConfig, Endpoint
+from tiality_cli.playout import PlayoutConfig
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig, SendResult
 from tiality_cli.sinks import open_sink
@@ -31,10 +32,12 @@ def stream_file(
     fmt: AudioFormat | None = None,
     codec: CodecConfig | None = None,
     seconds: float | None = None,
+    playout: PlayoutConfig | None = None,
 ) -> Trip:
     """Streams ``src`` (an input URI) through Opus and gRPC into a WAV file; returns what was written."""
     fmt = fmt or AudioFormat()
-    rx = Receiver(open_sink(f"file:{out_path}"), ReceiverConfig(port=0, bind="127.0.0.1"))
+    config = ReceiverConfig(port=0, bind="127.0.0.1", playout=playout or PlayoutConfig())
+    rx = Receiver(open_sink(f"file:{out_path}"), config)
     port = rx.start()
     try:
         source = open_source(src, fmt)

@@ -140,25 +140,108 @@ class StreamMessage(_message.Message):
 
     FORMAT_FIELD_NUMBER: _builtins.int
     PACKET_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def format(self) -> Global___StreamFormat: ...
     @_builtins.property
     def packet(self) -> Global___AudioPacket: ...
+    @_builtins.property
+    def clock(self) -> Global___ClockEstimate: ...
     def __init__(
         self,
         *,
         format: Global___StreamFormat | None = ...,
         packet: Global___AudioPacket | None = ...,
+        clock: Global___ClockEstimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "format", b"format", "packet", b"packet"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clock", b"clock", "format", b"format", "packet", b"packet"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "format", b"format", "packet", b"packet"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clock", b"clock", "format", b"format", "packet", b"packet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["format", "packet"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["format", "packet", "clock"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___StreamMessage: _TypeAlias = StreamMessage  # noqa: Y015
+
+@_typing.final
+class ClockProbe(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_SEND_NS_FIELD_NUMBER: _builtins.int
+    sender_send_ns: _builtins.int
+    """Sender's wall clock (ns) when it sent the probe (t0); echoed back."""
+    def __init__(
+        self,
+        *,
+        sender_send_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sender_send_ns", b"sender_send_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockProbe: _TypeAlias = ClockProbe  # noqa: Y015
+
+@_typing.final
+class ClockReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_SEND_NS_FIELD_NUMBER: _builtins.int
+    RECEIVER_RECEIVE_NS_FIELD_NUMBER: _builtins.int
+    RECEIVER_SEND_NS_FIELD_NUMBER: _builtins.int
+    sender_send_ns: _builtins.int
+    """t0, echoed"""
+    receiver_receive_ns: _builtins.int
+    """t1: receiver's wall clock when the probe arrived"""
+    receiver_send_ns: _builtins.int
+    """t2: receiver's wall clock when the reply left"""
+    def __init__(
+        self,
+        *,
+        sender_send_ns: _builtins.int = ...,
+        receiver_receive_ns: _builtins.int = ...,
+        receiver_send_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receiver_receive_ns", b"receiver_receive_ns", "receiver_send_ns", b"receiver_send_ns", "sender_send_ns", b"sender_send_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockReply: _TypeAlias = ClockReply  # noqa: Y015
+
+@_typing.final
+class ClockEstimate(_message.Message):
+    """The sender's current estimate of (receiver clock - sender clock), from the lowest-delay exchanges.
+    The receiver adds it to capture times, so latency is measured on one clock.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_NS_FIELD_NUMBER: _builtins.int
+    ROUND_TRIP_NS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    offset_ns: _builtins.int
+    round_trip_ns: _builtins.int
+    """Round-trip time of the exchange the offset came from; the offset is uncertain by half of it."""
+    samples: _builtins.int
+    """Exchanges the estimate is based on."""
+    def __init__(
+        self,
+        *,
+        offset_ns: _builtins.int = ...,
+        round_trip_ns: _builtins.int = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset_ns", b"offset_ns", "round_trip_ns", b"round_trip_ns", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockEstimate: _TypeAlias = ClockEstimate  # noqa: Y015
 
 @_typing.final
 class StreamSummary(_message.Message):

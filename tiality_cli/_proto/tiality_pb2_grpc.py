@@ -39,6 +39,11 @@ class AudioStreamStub:
                 request_serializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamMessage.SerializeToString,
                 response_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamSummary.FromString,
                 _registered_method=True)
+        self.Clock = channel.unary_unary(
+                '/tiality.v1.AudioStream/Clock',
+                request_serializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockProbe.SerializeToString,
+                response_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockReply.FromString,
+                _registered_method=True)
 
 
 class AudioStreamServicer:
@@ -51,6 +56,14 @@ class AudioStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Clock(self, request, context):
+        """One NTP-style exchange: the receiver stamps when the probe arrived and when the reply left, on its
+        own wall clock, so the sender can estimate the offset between the two clocks (docs/protocol.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AudioStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_AudioStreamServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamMessage.FromString,
                     response_serializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamSummary.SerializeToString,
+            ),
+            'Clock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Clock,
+                    request_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockProbe.FromString,
+                    response_serializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class AudioStream:
             '/tiality.v1.AudioStream/Stream',
             tiality__cli_dot___proto_dot_tiality__pb2.StreamMessage.SerializeToString,
             tiality__cli_dot___proto_dot_tiality__pb2.StreamSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Clock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tiality.v1.AudioStream/Clock',
+            tiality__cli_dot___proto_dot_tiality__pb2.ClockProbe.SerializeToString,
+            tiality__cli_dot___proto_dot_tiality__pb2.ClockReply.FromString,
             options,
             channel_credentials,
             insecure,

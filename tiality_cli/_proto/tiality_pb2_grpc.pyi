@@ -38,12 +38,20 @@ class AudioStreamStub:
     def __new__(cls, channel: _aio.Channel) -> AudioStreamAsyncStub: ...
     Stream: _grpc.StreamUnaryMultiCallable[_tiality_pb2.StreamMessage, _tiality_pb2.StreamSummary]
     """Streams one sender's audio. Message 1 must carry `format`; every later one carries `packet`."""
+    Clock: _grpc.UnaryUnaryMultiCallable[_tiality_pb2.ClockProbe, _tiality_pb2.ClockReply]
+    """One NTP-style exchange: the receiver stamps when the probe arrived and when the reply left, on its
+    own wall clock, so the sender can estimate the offset between the two clocks (docs/protocol.md).
+    """
 
 @_typing.type_check_only
 class AudioStreamAsyncStub(AudioStreamStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Stream: _aio.StreamUnaryMultiCallable[_tiality_pb2.StreamMessage, _tiality_pb2.StreamSummary]  # type: ignore[assignment]
     """Streams one sender's audio. Message 1 must carry `format`; every later one carries `packet`."""
+    Clock: _aio.UnaryUnaryMultiCallable[_tiality_pb2.ClockProbe, _tiality_pb2.ClockReply]  # type: ignore[assignment]
+    """One NTP-style exchange: the receiver stamps when the probe arrived and when the reply left, on its
+    own wall clock, so the sender can estimate the offset between the two clocks (docs/protocol.md).
+    """
 
 class AudioStreamServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -53,5 +61,15 @@ class AudioStreamServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tiality_pb2.StreamSummary, _abc.Awaitable[_tiality_pb2.StreamSummary]]:
         """Streams one sender's audio. Message 1 must carry `format`; every later one carries `packet`."""
+
+    @_abc_1.abstractmethod
+    def Clock(
+        self,
+        request: _tiality_pb2.ClockProbe,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tiality_pb2.ClockReply, _abc.Awaitable[_tiality_pb2.ClockReply]]:
+        """One NTP-style exchange: the receiver stamps when the probe arrived and when the reply left, on its
+        own wall clock, so the sender can estimate the offset between the two clocks (docs/protocol.md).
+        """
 
 def add_AudioStreamServicer_to_server(servicer: AudioStreamServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
