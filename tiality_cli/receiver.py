@@ -14,6 +14,7 @@ audio path takes no lock.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ class Session:
     algorithm_delay: int = 0
     clock_offset_ns: int = 0  # receiver clock - sender clock, as the sender last estimated it
     clock_round_trip_ns: int = 0  # the round trip that estimate came from (its uncertainty is half)
+    rates: tuple[RateMeter, RateMeter] = field(default_factory=lambda: (RateMeter(), RateMeter()))
 
     @property
     def stats(self) -> ReceiverStats:
@@ -288,12 +290,41 @@ class Receiver:
         """Totals over every stream so far; windowed figures from the live ones (or the last one)."""
         stats = self.all_stats()
         live = [s.stats for s in self.sessions] or stats[-1:]
+        return self._summarise(stats, live, self._rates, streams=len(self.sessions))
+
+    def session_views(self) -> list[SessionView]:
+        """One entry per connected sender, for per-sender rows in a live view or a GUI."""
+        now = self.clock.monotonic_ns()
+        views = []
+        for s in self.sessions:
+            snap = self._summarise([s.stats], [s.stats], s.rates, streams=1)
+            views.append(
+                SessionView(
+                    id=s.id,
+                    peer=s.peer,
+                    name=s.name,
+                    format=s.format.describe(),
+                    uptime_s=(now - s.started_ns) / 1e9,
+                    state=s.playout.state.name.lower(),
+                    clock_offset_ms=s.clock_offset_ns / 1e6,
+                    clock_round_trip_ms=s.clock_round_trip_ns / 1e6,
+                    stats=snap,
+                )
+            )
+        return views
+
+    def _summarise(
+        self,
+        stats: list[ReceiverStats],
+        live: list[ReceiverStats],
+        rates: tuple[RateMeter, RateMeter],
+        streams: int,
+    ) -> StatsSnapshot:
         now = self.clock.monotonic_ns()
         total = {k: sum(getattr(s, k) for s in stats) for k in _COUNTERS}
         lat = np.concatenate([s.latency_ms.values() for s in live]) if live else np.zeros(0)
         peak = max((s.peak for s in live), default=0.0)
         rms = max((s.rms for s in live), default=0.0)
-        underruns = int(getattr(self.sink, "underruns", 0))
         return StatsSnapshot(
             packets=total["packets"],
             bytes=total["bytes"],
@@ -307,19 +338,34 @@ class Receiver:
             inserted=total["inserted"],
             frames_played=total["frames_played"],
             jitter_ms=max((s.jitter_ns for s in live), default=0.0) / 1e6,
-            latency_ms_p50=float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            latency_ms_p95=float(np.percentile(lat, 95)) if len(lat) else float("nan"),
-            latency_ms_max=float(lat.max()) if len(lat) else float("nan"),
-            bitrate_kbps=self._rates[0].rate(total["bytes"], now) * 8 / 1000,
-            packets_per_s=self._rates[1].rate(total["packets"], now),
+            latency_ms_p50=float(np.percentile(lat, 50)) if len(lat) else math.nan,
+            latency_ms_p95=float(np.percentile(lat, 95)) if len(lat) else math.nan,
+            latency_ms_max=float(lat.max()) if len(lat) else math.nan,
+            bitrate_kbps=rates[0].rate(total["bytes"], now) * 8 / 1000,
+            packets_per_s=rates[1].rate(total["packets"], now),
             buffer_ms=max((s.buffer_ms for s in live), default=0.0),
             target_ms=max((s.target_ms for s in live), default=0.0),
             drift_ppm=live[0].drift_ppm if live else 0.0,
             level_dbfs=dbfs(rms),
             peak_dbfs=dbfs(peak),
-            streams=len(self.sessions),
-            underruns=underruns,
+            streams=streams,
+            underruns=int(getattr(self.sink, "underruns", 0)),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A connected sender as a presenter sees it."""
+
+    id: int
+    peer: str  # gRPC peer string, e.g. 'ipv4:192.168.1.20:51234'
+    name: str  # what the sender calls itself (host name and input)
+    format: str  # e.g. '48 kHz stereo, 20 ms frames'
+    uptime_s: float
+    state: str  # waiting, playing, finished
+    clock_offset_ms: float  # receiver clock - sender clock
+    clock_round_trip_ms: float
+    stats: StatsSnapshot
 
 
 _COUNTERS = (
