@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -26,8 +24,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from tiality_cli.receiver import Receiver
-    from tiality_cli.sender import Sender
 
 app = typer.Typer(
     name="tiality",
@@ -175,6 +171,7 @@ def send(
 
     def body() -> None:
         from tiality_cli.config import AudioFormat, CodecConfig, frame_us_from_ms, parse_endpoint
+        from tiality_cli.live import run_sender
         from tiality_cli.sender import Sender, SenderConfig
         from tiality_cli.sources import CaptureOptions, open_source
 
@@ -194,7 +191,8 @@ def send(
         capture = CaptureOptions(capture_channels, _parse_channel_map(channel_map), downmix)
         source = open_source(uri, fmt, capture)
         sender = Sender(source, SenderConfig(endpoint, codec, max_backlog, seconds))
-        _run_sender(sender, json_=json_, quiet=quiet)
+        with stop_on_signals() as stop:
+            run_sender(sender, stop, json_=json_, quiet=quiet)
 
     guarded(body)
 
@@ -209,110 +207,6 @@ def _default_output() -> str:
     from tiality_cli import devices
 
     return devices.default_output_uri()
-
-
-def _sender_fields(sender: Sender) -> dict[str, Any]:
-    st = sender.stats
-    return {
-        "state": st.state,
-        "source": sender.source.name,
-        "format": sender.format.describe(),
-        "packets_sent": st.packets_sent,
-        "bytes_sent": st.bytes_sent,
-        "backlog_ms": round(st.backlog * sender.format.frame_ms, 1),
-        "dropped": st.dropped,
-        "overruns": sender.source.overruns,
-        "level_dbfs": round(st.level_dbfs, 1),
-        "peak_dbfs": round(st.peak_dbfs, 1),
-    }
-
-
-def _run_sender(sender: Sender, *, json_: bool, quiet: bool) -> None:
-    from tiality_cli.view import json_line, sender_table
-
-    outcome: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            outcome["result"] = sender.run()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=work, name="tiality-send", daemon=True)
-    with stop_on_signals() as stop:
-        thread.start()
-        _present(
-            lambda: not thread.is_alive(),
-            stop,
-            on_stop=sender.stop,
-            table=lambda: sender_table(_sender_fields(sender)),
-            line=lambda: json_line(_sender_fields(sender)) if json_ else None,
-            json_=json_,
-            quiet=quiet,
-        )
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    res = outcome["result"]
-    fields = _sender_fields(sender)
-    fields.update(
-        receiver_packets=res.receiver_packets,
-        receiver_lost=res.receiver_lost,
-        receiver_concealed=res.receiver_concealed,
-        receiver_frames_played=res.receiver_frames_played,
-    )
-    if json_:
-        print(json_line(fields, event="summary"), flush=True)
-    elif not quiet:
-        from rich.console import Console
-
-        Console().print(sender_table(fields, title="tiality send: summary"))
-
-
-def _present(
-    finished: Callable[[], bool],
-    stop: threading.Event,
-    *,
-    on_stop: Callable[[], None],
-    table: Callable[[], Any],
-    line: Callable[[], str | None],
-    json_: bool,
-    quiet: bool,
-) -> None:
-    """Shows live figures until ``finished()`` holds; a signal calls ``on_stop`` once."""
-    stopped = False
-
-    def poll(interval: float) -> bool:
-        nonlocal stopped
-        deadline = time.monotonic() + interval
-        while time.monotonic() < deadline:
-            if finished():
-                return True
-            if stop.wait(0.05) and not stopped:
-                stopped = True
-                on_stop()
-        return finished()
-
-    if json_:
-        while not poll(1.0):
-            text = line()
-            if text:
-                print(text, flush=True)
-        return
-    if quiet or not sys.stdout.isatty():
-        last = time.monotonic()
-        while not poll(0.25):
-            if not quiet and time.monotonic() - last >= 5.0:
-                last = time.monotonic()
-                text = line()
-                if text:
-                    print(text, flush=True)
-        return
-    from rich.live import Live
-
-    with Live(table(), refresh_per_second=4, transient=True) as live:
-        while not poll(0.25):
-            live.update(table())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,6 +253,7 @@ def recv(
 
     def body() -> None:
         from tiality_cli.config import AudioFormat, parse_port
+        from tiality_cli.live import run_receiver
         from tiality_cli.playout import PlayoutConfig
         from tiality_cli.receiver import Receiver, ReceiverConfig
         from tiality_cli.sinks import open_sink
@@ -373,56 +268,10 @@ def recv(
             fmt = AudioFormat(rate or 48_000, channels or 2).validate_opus()
         sink = open_sink(uri, fmt)
         receiver = Receiver(sink, ReceiverConfig(port=port, bind=bind, playout=playout))
-        _run_receiver(receiver, seconds=seconds, once=once, json_=json_, quiet=quiet)
+        with stop_on_signals() as stop:
+            run_receiver(receiver, stop, seconds=seconds, once=once, json_=json_, quiet=quiet)
 
     guarded(body)
-
-
-def _run_receiver(receiver: Receiver, *, seconds: float | None, once: bool, json_: bool, quiet: bool) -> None:
-    from tiality_cli.sinks import ClockedSink
-    from tiality_cli.view import json_line, plain_line, receiver_table
-
-    receiver.start()
-    sink = receiver.sink
-    # Always on stderr (also with --json): scripts read the bound port here when they pass --port 0.
-    print(f"tiality recv: listening on port {receiver.port}, playing to {sink.name}", file=sys.stderr)
-
-    def played_s() -> float:
-        fmt = sink.format
-        return sink.frames_written / fmt.sample_rate if fmt else 0.0
-
-    def done() -> bool:
-        if seconds is not None and played_s() >= seconds:
-            return True
-        return once and receiver.streams_ended >= 1
-
-    if seconds is not None and isinstance(sink, ClockedSink):
-        sink.limit_seconds = seconds  # a file gets exactly that much audio
-
-    try:
-        with stop_on_signals() as stop:
-            _present(
-                lambda: done() or stop.is_set(),
-                stop,
-                on_stop=lambda: None,
-                table=lambda: receiver_table(receiver.snapshot()),
-                line=lambda: (
-                    json_line(receiver.snapshot().as_dict()) if json_ else plain_line(receiver.snapshot())
-                ),
-                json_=json_,
-                quiet=quiet,
-            )
-    finally:
-        receiver.stop()
-    snap = receiver.snapshot()
-    if json_:
-        print(json_line(snap.as_dict(), event="summary", played_s=round(played_s(), 3)), flush=True)
-    elif not quiet:
-        from rich.console import Console
-
-        Console().print(receiver_table(snap, title="tiality recv: summary"))
-    else:
-        print(plain_line(snap), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,6 +298,7 @@ def demo(
 
     def body() -> None:
         from tiality_cli.config import AudioFormat, CodecConfig, Endpoint
+        from tiality_cli.live import present
         from tiality_cli.receiver import Receiver, ReceiverConfig
         from tiality_cli.sender import Sender, SenderConfig
         from tiality_cli.sinks import open_sink
@@ -482,7 +332,7 @@ def demo(
             thread = threading.Thread(target=work, name="tiality-demo", daemon=True)
             with stop_on_signals() as stop:
                 thread.start()
-                _present(
+                present(
                     lambda: not thread.is_alive(),
                     stop,
                     on_stop=sender.stop,
