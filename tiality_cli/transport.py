@@ -6,10 +6,12 @@ the sender hands it an iterator of messages.
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -43,7 +45,7 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.enable_retries", 0),  # a live stream is never replayed
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 500),  # back within 1 s of the receiver's return
 ]
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),  # otherwise a second receiver silently shares the port
@@ -110,12 +112,64 @@ class Health:
         self._servicer.enter_graceful_shutdown()
 
 
+@dataclass(frozen=True, slots=True)
+class ServerSecurity:
+    """What the receiver demands: a shared token, TLS, and client certificates (mutual TLS)."""
+
+    token: str | None = field(default=None, repr=False)
+    cert_pem: bytes | None = field(default=None, repr=False)
+    key_pem: bytes | None = field(default=None, repr=False)
+    client_ca_pem: bytes | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_pem is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """What the sender presents: the token, and TLS trust (CA) plus its own certificate for mutual TLS."""
+
+    token: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_pem: bytes | None = field(default=None, repr=False)  # None with tls: the system's roots
+    cert_pem: bytes | None = field(default=None, repr=False)
+    key_pem: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None  # the name to expect in the receiver's certificate
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+class _TokenCheck(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Refuses AudioStream calls without the right bearer token; compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return continuation(details)  # health and reflection stay open to probes
+        given = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(details)
+        reason = "wrong token" if given else "a token is required (--token / TIALITY_TOKEN)"
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+        if details.method.endswith("/Stream"):
+            return grpc.stream_unary_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
 def start_server(
     handler: StreamHandler,
     host: str,
     port: int,
     max_streams: int = 16,
     wall_ns: WallClock = time.time_ns,
+    security: ServerSecurity | None = None,
 ) -> tuple[grpc.Server, int, Health]:
     """Starts the receiver's gRPC server with health and reflection; returns it, its port and health.
 
@@ -124,19 +178,29 @@ def start_server(
     """
     from grpc_reflection.v1alpha import reflection
 
+    sec = security or ServerSecurity()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="tiality-rpc"),
+        interceptors=[_TokenCheck(sec.token)] if sec.token else None,
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_streams + 4,
     )
     pb_grpc.add_AudioStreamServicer_to_server(_Servicer(handler, wall_ns), server)
     health = Health(server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
-    )
+    services = (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
     address = bind_address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if sec.tls:
+            assert sec.cert_pem is not None and sec.key_pem is not None
+            creds = grpc.ssl_server_credentials(
+                [(sec.key_pem, sec.cert_pem)],
+                root_certificates=sec.client_ca_pem,
+                require_client_auth=sec.client_ca_pem is not None,
+            )
+            bound = server.add_secure_port(address, creds)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if not bound:
@@ -151,19 +215,33 @@ def start_server(
     return server, bound, health
 
 
-def open_channel(endpoint: Endpoint) -> grpc.Channel:
-    return grpc.insecure_channel(endpoint.target, options=CHANNEL_OPTIONS)
+def open_channel(endpoint: Endpoint, security: ClientSecurity | None = None) -> grpc.Channel:
+    sec = security or ClientSecurity()
+    if not sec.tls:
+        return grpc.insecure_channel(endpoint.target, options=CHANNEL_OPTIONS)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=sec.ca_pem, private_key=sec.key_pem, certificate_chain=sec.cert_pem
+    )
+    options = list(CHANNEL_OPTIONS)
+    if sec.server_name:
+        options.append(("grpc.ssl_target_name_override", sec.server_name))
+    return grpc.secure_channel(endpoint.target, creds, options=options)
 
 
 def stream_stub(channel: grpc.Channel) -> pb_grpc.AudioStreamStub:
     return pb_grpc.AudioStreamStub(channel)
 
 
+_TLS_FAILED = "TLS handshake failed (check --tls-ca and the certificates)"
 _REASONS = (
     (re.compile(r"connection refused", re.I), "connection refused (is `tiality recv` running there?)"),
     (re.compile(r"DNS resolution failed|name or service not known|resolv", re.I), "host name not found"),
     (re.compile(r"no route to host|network is unreachable", re.I), "no route to host"),
     (re.compile(r"deadline|timed out|timeout", re.I), "no answer (timed out)"),
+    (
+        re.compile(r"ssl|handshake|certificate|tls", re.I),
+        "TLS handshake failed (check --tls-ca / certificates)",
+    ),
     (re.compile(r"Socket closed|Connection reset|broken pipe|GOAWAY|EOF", re.I), "connection lost"),
 )
 

@@ -86,6 +86,9 @@ def read_wav(path: str | Path) -> tuple[npt.NDArray[np.float32], WavInfo]:
 
 
 def _header(rate: int, channels: int, data_bytes: int) -> bytes:
+    # Past 4 GiB (6.2 h of 48 kHz stereo) the 32-bit sizes saturate; readers then take the data to the
+    # end of the file, so a long recording keeps going instead of failing.
+    data_bytes = min(data_bytes, 0xFFFFFFFF - 36)
     block = channels * 2
     return struct.pack(
         "<4sI4s4sIHHIIHH4sI",
@@ -128,7 +131,10 @@ class WavWriter:
         f = self._f
         if f is None:
             return
-        f.write(np.ascontiguousarray(frames).data)
+        try:
+            f.write(np.ascontiguousarray(frames, dtype="<i2").data)
+        except OSError as exc:
+            raise SinkError(f"file:{self.path}: write failed ({exc.strerror})") from None
         n = frames.shape[0]
         self.frames += n
         self._since_sync += n
@@ -141,19 +147,28 @@ class WavWriter:
         if f is None:
             return
         data_bytes = self.frames * self.channels * 2
-        end = f.tell()
-        f.seek(0)
-        f.write(_header(self.sample_rate, self.channels, data_bytes))
-        f.seek(end)
-        f.flush()
+        try:
+            end = f.tell()
+            f.seek(0)
+            f.write(_header(self.sample_rate, self.channels, data_bytes))
+            f.seek(end)
+            f.flush()
+        except OSError as exc:
+            raise SinkError(f"file:{self.path}: write failed ({exc.strerror})") from None
 
     def close(self) -> None:
         if self._f is None:
             return
-        self._patch_header()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
+        f, self._f = self._f, None
+        try:
+            self._f = f
+            self._patch_header()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            raise SinkError(f"file:{self.path}: write failed ({exc.strerror})") from None
+        finally:
+            self._f = None
+            f.close()
 
     def __enter__(self) -> WavWriter:
         return self
