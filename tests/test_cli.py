@@ -85,13 +85,13 @@ def test_every_command_has_help_with_examples(command: str) -> None:
 
 
 def test_unreachable_receiver_is_one_line_and_exit_4() -> None:
-    proc = run("send", f"127.0.0.1:{free_port()}", "-i", "tone://440", "--seconds", "1")
+    proc = run("send", f"127.0.0.1:{free_port()}", "-i", "tone://440", "--seconds", "1", "--once")
     assert proc.returncode == 4
     assert re.fullmatch(r"tiality: cannot reach 127\.0\.0\.1:\d+: connection refused.*", one_error_line(proc))
 
 
 def test_unknown_host_is_one_line_and_exit_4() -> None:
-    proc = run("send", "no-such-host.invalid:50052", "-i", "tone://440", "--seconds", "1")
+    proc = run("send", "no-such-host.invalid:50052", "-i", "tone://440", "--seconds", "1", "--once")
     assert proc.returncode == 4
     assert "cannot reach no-such-host.invalid:50052: host name not found" in one_error_line(proc)
 

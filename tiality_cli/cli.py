@@ -97,6 +97,59 @@ def _parse_latency(text: str) -> float | None:
         raise ConfigError(f"--latency {text!r}: expected 'auto' or milliseconds, e.g. 40") from None
 
 
+TOKEN_HELP = "Shared secret required on every stream (or TIALITY_TOKEN, or --token-file)."
+
+
+def _resolve_token(token: str | None, token_file: str | None) -> str | None:
+    """--token-file, then --token, then $TIALITY_TOKEN. A token typed on the command line is visible in
+    the process list, so it earns a warning; the file and the environment do not."""
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
+        if not value:
+            raise ConfigError(f"--token-file {token_file}: the file is empty")
+        return value
+    if token is not None:
+        if not token:
+            raise ConfigError("--token: empty")
+        _stderr().print(
+            "tiality: warning: --token is visible to other users in the process list; "
+            "prefer TIALITY_TOKEN or --token-file",
+            markup=False,
+            highlight=False,
+        )
+        return token
+    return os.environ.get("TIALITY_TOKEN") or None
+
+
+def _read_pem(path: str | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read ({exc.strerror})") from None
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"{option} {path}: not a PEM file")
+    return data
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_channel_map(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -166,14 +219,33 @@ def send(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No live view; errors and the summary only.")
     ] = False,
+    once: Annotated[bool, typer.Option(help="Give up on the first failure instead of reconnecting.")] = False,
+    token: Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)] = None,
+    token_file: Annotated[str | None, typer.Option(help="Read the token from this file.")] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls/--no-tls", help="Connect with TLS (implied by --tls-ca).")
+    ] = False,
+    tls_ca: Annotated[
+        str | None, typer.Option(help="CA certificate (PEM) that signed the receiver's.")
+    ] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="This sender's certificate, for mutual TLS.")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="This sender's private key, for mutual TLS.")] = None,
+    tls_server_name: Annotated[
+        str | None, typer.Option(help="Name expected in the receiver's certificate (default: the host).")
+    ] = None,
 ) -> None:
-    """Capture audio, encode it as Opus and stream it to a receiver over gRPC."""
+    """Capture audio, encode it as Opus and stream it to a receiver over gRPC.
+
+    The sender reconnects by itself (capped backoff) when the receiver is down or the link breaks;
+    capture carries on meanwhile and stale audio is dropped. A wrong token is final.
+    """
 
     def body() -> None:
         from tiality_cli.config import AudioFormat, CodecConfig, frame_us_from_ms, parse_endpoint
         from tiality_cli.live import run_sender
         from tiality_cli.sender import Sender, SenderConfig
         from tiality_cli.sources import CaptureOptions, open_source
+        from tiality_cli.transport import ClientSecurity
 
         endpoint = parse_endpoint(target)
         fmt = AudioFormat(rate, channels, frame_us_from_ms(frame_ms)).validate_opus()
@@ -190,7 +262,18 @@ def send(
         uri = input_ or _default_input()
         capture = CaptureOptions(capture_channels, _parse_channel_map(channel_map), downmix)
         source = open_source(uri, fmt, capture)
-        sender = Sender(source, SenderConfig(endpoint, codec, max_backlog, seconds))
+        security = ClientSecurity(
+            token=_resolve_token(token, token_file),
+            tls=tls or any((tls_ca, tls_cert, tls_key)),
+            ca_pem=_read_pem(tls_ca, "--tls-ca"),
+            cert_pem=_read_pem(tls_cert, "--tls-cert"),
+            key_pem=_read_pem(tls_key, "--tls-key"),
+            server_name=tls_server_name,
+        )
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
+        config = SenderConfig(endpoint, codec, max_backlog, seconds, reconnect=not once, security=security)
+        sender = Sender(source, config)
         with stop_on_signals() as stop:
             run_sender(sender, stop, json_=json_, quiet=quiet)
 
@@ -248,6 +331,15 @@ def recv(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No live view; errors and the summary only.")
     ] = False,
+    max_senders: Annotated[int, typer.Option(help="Senders played at once (mixed); more are refused.")] = 8,
+    exclusive: Annotated[bool, typer.Option(help="One sender at a time (--max-senders 1).")] = False,
+    token: Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)] = None,
+    token_file: Annotated[str | None, typer.Option(help="Read the token from this file.")] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="Certificate (PEM) to serve TLS with.")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="Private key (PEM) of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        str | None, typer.Option(help="Require client certificates signed by this CA (mutual TLS).")
+    ] = None,
 ) -> None:
     """Receive streams, decode and play them through an adaptive jitter buffer, with live figures."""
 
@@ -257,6 +349,7 @@ def recv(
         from tiality_cli.playout import PlayoutConfig
         from tiality_cli.receiver import Receiver, ReceiverConfig
         from tiality_cli.sinks import open_sink
+        from tiality_cli.transport import ServerSecurity
 
         parse_port(str(port), "--port")
         playout = PlayoutConfig(latency_ms=_parse_latency(latency), max_latency_ms=max_latency).validate()
@@ -267,7 +360,33 @@ def recv(
         if rate is not None or channels is not None or uri.startswith(("sd://", "alsa://")):
             fmt = AudioFormat(rate or 48_000, channels or 2).validate_opus()
         sink = open_sink(uri, fmt)
-        receiver = Receiver(sink, ReceiverConfig(port=port, bind=bind, playout=playout))
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if tls_client_ca and not tls_cert:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        if max_senders < 1:
+            raise ConfigError(f"--max-senders {max_senders}: must be at least 1")
+        security = ServerSecurity(
+            token=_resolve_token(token, token_file),
+            cert_pem=_read_pem(tls_cert, "--tls-cert"),
+            key_pem=_read_pem(tls_key, "--tls-key"),
+            client_ca_pem=_read_pem(tls_client_ca, "--tls-client-ca"),
+        )
+        if not security.token and not security.tls and not _is_loopback(bind):
+            _stderr().print(
+                f"tiality: warning: listening on {bind} with neither --token nor TLS: anyone who can reach "
+                "this port can play audio here (see docs/security.md)",
+                markup=False,
+                highlight=False,
+            )
+        config = ReceiverConfig(
+            port=port,
+            bind=bind,
+            playout=playout,
+            max_senders=1 if exclusive else max_senders,
+            security=security,
+        )
+        receiver = Receiver(sink, config)
         with stop_on_signals() as stop:
             run_receiver(receiver, stop, seconds=seconds, once=once, json_=json_, quiet=quiet)
 

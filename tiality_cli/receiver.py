@@ -31,7 +31,7 @@ from tiality_cli.errors import ConfigError
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.sinks import Sink
 from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
-from tiality_cli.transport import PROTOCOL_VERSION, Health, start_server
+from tiality_cli.transport import PROTOCOL_VERSION, Health, ServerSecurity, start_server
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,8 @@ class ReceiverConfig:
     port: int = DEFAULT_PORT
     bind: str = "::"  # all interfaces, IPv4 and IPv6
     playout: PlayoutConfig = field(default_factory=PlayoutConfig)
-    max_senders: int = 8
+    max_senders: int = 8  # more are refused with RESOURCE_EXHAUSTED; 1 = --exclusive
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
 @dataclass(slots=True)
@@ -108,7 +109,12 @@ class Receiver:
     def start(self) -> int:
         """Binds the port and, for a sink with a fixed format (a device), starts playing silence."""
         self._server, self.port, self._health = start_server(
-            self._handle, self.config.bind, self.config.port, wall_ns=self.clock.wall_ns
+            self._handle,
+            self.config.bind,
+            self.config.port,
+            max_streams=self.config.max_senders,
+            wall_ns=self.clock.wall_ns,
+            security=self.config.security,
         )
         if self.sink.format is not None:
             self._start_sink(self.sink.format)
@@ -214,12 +220,13 @@ class Receiver:
             fmt = format_from_message(first.format)
         except ConfigError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if len(self.sessions) >= self.config.max_senders:
+        session = self._open_session(context.peer(), first.format, fmt)
+        if session is None:
+            n = self.config.max_senders
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"receiver busy: {self.config.max_senders} senders already",
+                f"receiver busy: it takes {n} sender{'s' if n != 1 else ''} at a time (--max-senders)",
             )
-        session = self._open_session(context.peer(), first.format, fmt)
         playout = session.playout
         try:
             offset = 0  # receiver clock - sender clock, from the sender's ClockEstimate
@@ -249,8 +256,11 @@ class Receiver:
             frames_played=st.frames_played,
         )
 
-    def _open_session(self, peer: str, f: pb.StreamFormat, fmt: AudioFormat) -> Session:
+    def _open_session(self, peer: str, f: pb.StreamFormat, fmt: AudioFormat) -> Session | None:
+        """Registers a new sender, or returns None when --max-senders are already playing."""
         with self._lock:
+            if len(self.sessions) >= self.config.max_senders:
+                return None
             if not self._sink_started:
                 self._start_sink(fmt)
             out = self.sink.format or fmt

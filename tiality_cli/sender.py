@@ -13,6 +13,7 @@ When the network blocks, capture carries on and the oldest packets are dropped o
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 from collections import deque
@@ -28,10 +29,19 @@ from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.clocksync import ClockFilter, ClockSample, sample
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import CodecConfig, Endpoint
-from tiality_cli.errors import ConnectError, TialityError
+from tiality_cli.errors import AuthError, ConnectError, RejectedError
 from tiality_cli.sources import Source
 from tiality_cli.stats import dbfs
-from tiality_cli.transport import PROTOCOL_VERSION, map_rpc_error, open_channel, stream_stub
+from tiality_cli.transport import (
+    PROTOCOL_VERSION,
+    ClientSecurity,
+    map_rpc_error,
+    open_channel,
+    stream_stub,
+)
+
+BACKOFF_FIRST_S = 0.1  # first retry after an outage
+BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about half a second
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,8 @@ class SenderConfig:
     connect_timeout_s: float = 5.0  # how long to wait for the receiver to answer at all
     clock_sync: bool = True  # estimate the receiver's clock offset, so it reports one-way latency
     clock_sync_every_s: float = 10.0  # re-estimate this often (clocks drift; NTP may step them)
+    reconnect: bool = True  # keep trying when the receiver is down or the link breaks (--once: False)
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +70,7 @@ class SendResult:
     receiver_lost: int
     receiver_concealed: int
     receiver_frames_played: int
+    reconnects: int = 0
 
 
 class SenderStats:
@@ -72,7 +85,9 @@ class SenderStats:
         self.backlog_peak = 0  # the most packets that ever waited (bounded by --max-backlog)
         self.peak = 0
         self.rms = 0.0
-        self.state = "starting"  # starting, connecting, streaming, draining, done, failed
+        self.state = "starting"  # starting, connecting, streaming, reconnecting, done, failed
+        self.reconnects = 0  # streams re-opened after the receiver went away or the link broke
+        self.last_error = ""  # why the last attempt failed (shown while reconnecting)
 
     @property
     def level_dbfs(self) -> float:
@@ -146,9 +161,15 @@ class Sender:
         fmt, st, cfg = self.format, self.stats, self.config
         # Capture starts when gRPC starts pulling this iterator, i.e. once the call is open: audio
         # captured while connecting would reach the receiver as a burst of already-old packets.
-        self.source.open()
-        self._capture_thread = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
-        self._capture_thread.start()
+        if self._capture_thread is None:
+            self.source.open()
+            self._capture_thread = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
+            self._capture_thread.start()
+        else:
+            # A new stream after an outage: what waited in the backlog is stale; start from the newest.
+            while len(self._backlog) > 1:
+                self._backlog.popleft()
+                st.dropped += 1
         yield pb.StreamMessage(
             format=pb.StreamFormat(
                 protocol_version=PROTOCOL_VERSION,
@@ -161,7 +182,9 @@ class Sender:
                 inband_fec=cfg.codec.inband_fec,
                 dtx=cfg.codec.dtx,
                 sender_name=f"{cfg.name} {self.source.name}"[:200],
-                first_sequence=0,
+                first_sequence=self._backlog[0][0] & 0xFFFFFFFF
+                if self._backlog
+                else self.stats.frames_captured,
             )
         )
         st.state = "streaming"
@@ -193,31 +216,34 @@ class Sender:
             )
 
     def run(self) -> SendResult:
-        """Connects, streams until the source ends (or ``seconds``, or ``stop()``), returns the totals."""
+        """Streams until the source ends (or ``seconds``, or ``stop()``); returns the totals.
+
+        While the receiver is down or the link is broken, capture carries on and the stream is re-opened
+        with capped, jittered backoff (unless ``reconnect`` is off). A wrong token or a refused format
+        is final: retrying would not change the answer.
+        """
         target = self.config.endpoint.target
-        channel = open_channel(self.config.endpoint)
         st = self.stats
+        delay = BACKOFF_FIRST_S
         try:
-            st.state = "connecting"
-            self._wait_ready(channel, target)
-            stub = stream_stub(channel)
-            if self.config.clock_sync:
-                self._probe_clock(stub, 8)
-                threading.Thread(
-                    target=self._clock_loop, args=(stub,), name="tiality-clock", daemon=True
-                ).start()
-            try:
-                summary = stub.Stream(self._messages(), wait_for_ready=False)
-            except grpc.RpcError as err:
-                st.state = "failed"
-                raise map_rpc_error(err, target) from None
-            finally:
-                self.stop()
-                if self._capture_thread is not None:
-                    self._capture_thread.join(timeout=2.0)
+            while True:
+                try:
+                    summary = self._stream_once(target)
+                    break
+                except (AuthError, RejectedError):
+                    st.state = "failed"
+                    raise
+                except ConnectError as exc:
+                    if not self.config.reconnect or self._stop.is_set() or self._captured_all.is_set():
+                        st.state = "failed"
+                        raise
+                    st.state = "reconnecting"
+                    st.last_error = str(exc)
+                    if self._stop.wait(delay * random.uniform(0.8, 1.2)):
+                        raise
+                    delay = min(BACKOFF_MAX_S, delay * 2)
+                    st.reconnects += 1
             if self._capture_error is not None:
-                if isinstance(self._capture_error, TialityError):
-                    raise self._capture_error
                 raise self._capture_error
             st.state = "done"
             return SendResult(
@@ -229,27 +255,60 @@ class Sender:
                 receiver_lost=summary.lost,
                 receiver_concealed=summary.concealed,
                 receiver_frames_played=summary.frames_played,
+                reconnects=st.reconnects,
             )
         finally:
+            self.stop()
+            if self._capture_thread is not None:
+                self._capture_thread.join(timeout=2.0)
             self.source.close()
+
+    def _stream_once(self, target: str) -> pb.StreamSummary:
+        """One connection and one stream; raises a TialityError when either fails."""
+        st = self.stats
+        channel = open_channel(self.config.endpoint, self.config.security)
+        metadata = self.config.security.metadata()
+        try:
+            st.state = "connecting"
+            self._wait_ready(channel, target)
+            stub = stream_stub(channel)
+            if self.config.clock_sync:
+                self._probe_clock(stub, 8, metadata)
+                sync = threading.Thread(
+                    target=self._clock_loop, args=(stub, metadata), name="tiality-clock", daemon=True
+                )
+                sync.start()
+            try:
+                summary: pb.StreamSummary = stub.Stream(
+                    self._messages(), metadata=metadata, wait_for_ready=False
+                )
+            except grpc.RpcError as err:
+                raise map_rpc_error(err, target) from None
+            return summary
+        finally:
             channel.close()
 
-    def _probe_clock(self, stub: pb_grpc.AudioStreamStub, exchanges: int) -> None:
+    def _probe_clock(
+        self, stub: pb_grpc.AudioStreamStub, exchanges: int, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
         """A few NTP-style exchanges; the best one becomes the estimate sent in-band."""
         wall = self.clock.wall_ns
         for _ in range(exchanges):
             t0 = wall()
             try:
-                reply = stub.Clock(pb.ClockProbe(sender_send_ns=t0), timeout=2.0)
+                reply = stub.Clock(pb.ClockProbe(sender_send_ns=t0), timeout=2.0, metadata=metadata)
             except grpc.RpcError:
                 return  # an older receiver, or a hiccup: latency then assumes synchronised clocks
             self.clock_filter.add(sample(t0, reply.receiver_receive_ns, reply.receiver_send_ns, wall()))
         self._clock_pending = self.clock_filter.best()
         self._ready.set()
 
-    def _clock_loop(self, stub: pb_grpc.AudioStreamStub) -> None:
+    def _clock_loop(self, stub: pb_grpc.AudioStreamStub, metadata: tuple[tuple[str, str], ...]) -> None:
         while not self._stop.wait(self.config.clock_sync_every_s):
-            self._probe_clock(stub, 4)
+            try:
+                self._probe_clock(stub, 4, metadata)
+            except ValueError:  # the channel was closed under us (a reconnect): this loop is done
+                return
 
     def _wait_ready(self, channel: grpc.Channel, target: str) -> None:
         """Returns once connected; fails fast (refused, unknown host) or after ``connect_timeout_s``."""
