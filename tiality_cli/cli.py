@@ -301,7 +301,8 @@ def _default_output() -> str:
         "  tiality recv                                     # port 50052, default speakers\n\n"
         "  tiality recv --port 50052 -o file:heard.wav --seconds 10\n\n"
         "  tiality recv -o null:// --json                   # figures only, JSON lines\n\n"
-        "  tiality recv --once -o file:one-stream.wav       # exit when the first stream ends"
+        "  tiality recv --once -o file:one-stream.wav       # exit when the first stream ends\n\n"
+        "  tiality recv --record session.opus               # keep the received packets (Ogg Opus)"
     )
 )
 def recv(
@@ -331,6 +332,10 @@ def recv(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No live view; errors and the summary only.")
     ] = False,
+    record: Annotated[
+        str | None,
+        typer.Option(help="Also record: PATH.wav (what was played) or PATH.opus (the packets, as received)."),
+    ] = None,
     max_senders: Annotated[int, typer.Option(help="Senders played at once (mixed); more are refused.")] = 8,
     exclusive: Annotated[bool, typer.Option(help="One sender at a time (--max-senders 1).")] = False,
     token: Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)] = None,
@@ -385,6 +390,7 @@ def recv(
             playout=playout,
             max_senders=1 if exclusive else max_senders,
             security=security,
+            record=record,
         )
         receiver = Receiver(sink, config)
         with stop_on_signals() as stop:

@@ -29,6 +29,7 @@ from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import DEFAULT_PORT, OPUS_FRAME_US, OPUS_RATES, AudioFormat
 from tiality_cli.errors import ConfigError
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
+from tiality_cli.recording import OpusRecorder, WavRecorder, check_record_path
 from tiality_cli.sinks import Sink
 from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
 from tiality_cli.transport import PROTOCOL_VERSION, Health, ServerSecurity, start_server
@@ -41,6 +42,7 @@ class ReceiverConfig:
     playout: PlayoutConfig = field(default_factory=PlayoutConfig)
     max_senders: int = 8  # more are refused with RESOURCE_EXHAUSTED; 1 = --exclusive
     security: ServerSecurity = field(default_factory=ServerSecurity)
+    record: str | None = None  # PATH.wav: what was played; PATH.opus: the packets received
 
 
 @dataclass(slots=True)
@@ -104,6 +106,13 @@ class Receiver:
         self._sink_started = False
         self._next_id = 1
         self._rates = (RateMeter(), RateMeter())
+        self._wav_rec: WavRecorder | None = None
+        self._opus_rec: OpusRecorder | None = None
+        rec = self.config.record
+        if rec is not None:
+            check_record_path(rec)
+            if rec.lower().endswith(".opus"):
+                self._opus_rec = OpusRecorder(rec)
 
     # ---- life cycle -----------------------------------------------------------------------------------
     def start(self) -> int:
@@ -145,6 +154,9 @@ class Receiver:
             self._server.stop(grace=0.5).wait()
             self._server = None
         self.sink.close()
+        if self._wav_rec is not None:
+            self._wav_rec.close()
+            self._wav_rec = None
 
     def __enter__(self) -> Receiver:
         self.start()
@@ -161,6 +173,9 @@ class Receiver:
         out = self.sink.format or fmt
         self._acc = np.zeros((max(4096, out.frame_samples), out.channels), dtype=np.float32)
         self._tmp = np.zeros_like(self._acc)
+        rec = self.config.record
+        if rec is not None and rec.lower().endswith(".wav"):
+            self._wav_rec = WavRecorder(rec, out)
         self.sink.start(self.fill)
         self._sink_started = True
 
@@ -192,6 +207,8 @@ class Receiver:
         np.rint(acc, out=acc)
         np.clip(acc, -32768, 32767, out=acc)
         out[:] = acc
+        if playing and self._wav_rec is not None:
+            self._wav_rec.push(out)
         return playing
 
     def _retire(self) -> None:
@@ -228,6 +245,9 @@ class Receiver:
                 f"receiver busy: it takes {n} sender{'s' if n != 1 else ''} at a time (--max-senders)",
             )
         playout = session.playout
+        tap = (
+            self._opus_rec.open_stream(fmt, first.format.algorithm_delay_samples) if self._opus_rec else None
+        )
         try:
             offset = 0  # receiver clock - sender clock, from the sender's ClockEstimate
             for msg in requests:
@@ -235,6 +255,8 @@ class Receiver:
                 if kind == "packet":
                     p = msg.packet
                     playout.push(p.sequence, p.capture_time_ns + offset, p.payload)
+                    if tap is not None:
+                        tap.push(p.sequence, p.payload)
                 elif kind == "clock":
                     offset = msg.clock.offset_ns
                     session.clock_offset_ns = offset
@@ -243,6 +265,8 @@ class Receiver:
             pass
         finally:
             playout.end()
+            if tap is not None:
+                tap.close()
         # Answer once the buffered audio has been played, so the summary counts all of it.
         playout.finished.wait(timeout=self.config.playout.max_latency_ms / 1000 + 2.0)
         st = playout.stats
