@@ -151,7 +151,8 @@ class Receiver:
         if self._health is not None:
             self._health.shutdown()
         if self._server is not None:
-            self._server.stop(grace=0.5).wait()
+            # A handler stuck on a broken peer must not hang shutdown: wait a bounded time, then go.
+            self._server.stop(grace=0.5).wait(timeout=3.0)
             self._server = None
         self.sink.close()
         if self._wav_rec is not None:
