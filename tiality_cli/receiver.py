@@ -59,6 +59,7 @@ class Session:
     clock_offset_ns: int = 0  # receiver clock - sender clock, as the sender last estimated it
     clock_round_trip_ns: int = 0  # the round trip that estimate came from (its uncertainty is half)
     rates: tuple[RateMeter, RateMeter] = field(default_factory=lambda: (RateMeter(), RateMeter()))
+    received: int = 0  # packets taken off the wire (the playout counts them when it next runs)
 
     @property
     def stats(self) -> ReceiverStats:
@@ -256,6 +257,7 @@ class Receiver:
                 if kind == "packet":
                     p = msg.packet
                     playout.push(p.sequence, p.capture_time_ns + offset, p.payload)
+                    session.received += 1
                     if tap is not None:
                         tap.push(p.sequence, p.payload)
                 elif kind == "clock":
