@@ -89,10 +89,10 @@ def test_playout_survives_any_packet_sequence(start: int, events: list[tuple[int
         if playout.state == State.FINISHED:
             break
     assert playout.state == State.FINISHED
-    s = playout.stats
-    assert s.packets == len(events)
-    assert s.corrupt <= sum(1 for e in events if e[1] != 0)
-    assert min(s.lost, s.late, s.concealed, s.duplicates, s.skipped, s.inserted) >= 0
+    st_ = playout.stats
+    assert st_.packets == len(events)
+    assert st_.corrupt <= sum(1 for e in events if e[1] != 0)
+    assert min(st_.lost, st_.late, st_.concealed, st_.duplicates, st_.skipped, st_.inserted) >= 0
 
 
 _rx: Receiver | None = None
@@ -113,7 +113,7 @@ def test_arbitrary_message_bytes_on_the_wire(blobs: list[bytes]) -> None:
     rx = receiver()
     good = pb.StreamMessage(
         format=pb.StreamFormat(
-            protocol_version=1, codec=1, sample_rate=48_000, channels=1, frame_duration_us=20_000
+            protocol_version=1, codec=pb.CODEC_OPUS, sample_rate=48_000, channels=1, frame_duration_us=20_000
         )
     ).SerializeToString()
     with grpc.insecure_channel(f"127.0.0.1:{rx.port}") as ch:

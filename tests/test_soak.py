@@ -69,7 +69,11 @@ def test_100k_packets_through_one_receiver_keep_memory_flat() -> None:
     def messages() -> Iterator[pb.StreamMessage]:
         yield pb.StreamMessage(
             format=pb.StreamFormat(
-                protocol_version=1, codec=1, sample_rate=16_000, channels=1, frame_duration_us=20_000
+                protocol_version=1,
+                codec=pb.CODEC_OPUS,
+                sample_rate=16_000,
+                channels=1,
+                frame_duration_us=20_000,
             )
         )
         while (m := outbox.get()) is not None:
