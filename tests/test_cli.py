@@ -214,7 +214,8 @@ def test_receiver_serves_one_stream_after_another(tmp_path: Path) -> None:
     assert final["packets"] == 125 and final["streams"] == 0
     assert final["frames_played"] - final["inserted"] + final["skipped"] == 125
     _, info = read_wav(out)
-    assert info.frames == final["frames_played"] * 960  # both streams, back to back, nothing in between
+    # Both streams back to back, nothing in between; each stream's last 5 ms block is written whole.
+    assert abs(info.frames - final["frames_played"] * 960) <= 2 * 240
 
 
 def test_recv_seconds_writes_exactly_that_much(tmp_path: Path) -> None:

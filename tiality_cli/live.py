@@ -1,36 +1,256 @@
 """Presenting a running sender or receiver: a Rich live view on terminals, log lines, or JSON lines.
 
-The CLI calls these with an Event that its signal handlers set; a GUI would read
-``Receiver.snapshot()`` / ``session_views()`` itself instead.
+    run_sender, run_receiver   run the object, present its figures until it ends, print the summary
+    present                    the refresh loop shared by every command (demo included)
+    KeyReader                  single keys from a terminal (cbreak mode, a thread, restored on exit)
+    sender_fields, receiver_fields
+                               the JSON stats fields (names and units: docs/stats.md)
+
+Where the figures go depends on the terminal: a live view refreshed 4 times a second when stdout is a
+terminal (keys too when stdin is one), a plain log line every 5 s otherwise, JSON lines once a second
+with ``--json``, nothing but the summary with ``--quiet``. The CLI calls these with an Event that its
+signal handlers set; a GUI would read ``Receiver.snapshot()`` / ``session_views()`` itself instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
 from typing import Any
 
 from tiality_cli.receiver import Receiver
 from tiality_cli.sender import Sender
 from tiality_cli.sinks import ClockedSink
-from tiality_cli.view import json_line, plain_line, receiver_table, sender_table
+from tiality_cli.stats import StatsSnapshot
+from tiality_cli.view import (
+    Rates,
+    RecvFrame,
+    RecvMonitor,
+    SendMonitor,
+    gain_db,
+    json_line,
+    recv_plain_line,
+    recv_summary,
+    recv_view,
+    send_plain_line,
+    send_summary,
+    send_summary_line,
+    send_view,
+    sender_entry,
+    step_volume_db,
+)
+
+REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
+LOG_EVERY_S = 5.0  # plain log lines when stdout is not a terminal
+JSON_EVERY_S = 1.0
+
+Keys = Mapping[str, Callable[[], None]]
 
 
-def sender_fields(sender: Sender) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------------------
+# keys
+# ---------------------------------------------------------------------------------------------------------
+def keys_available() -> bool:
+    """Keys are read only when stdin and stdout are terminals and this process is in the foreground
+    (changing a terminal's mode from the background, ``tiality recv &``, would stop the process)."""
+    try:
+        import termios  # noqa: F401
+    except ImportError:  # pragma: no cover - not on Linux
+        return False
+    try:
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            return False
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (AttributeError, ValueError, OSError):  # stdin closed or replaced, no controlling terminal
+        return False
+
+
+class KeyReader:
+    """Reads single key presses from a terminal on a thread and calls ``on_key`` with each character.
+
+    On enter the terminal goes into cbreak mode (keys arrive at once, unechoed; Ctrl-C still signals);
+    on exit the thread stops and the terminal settings saved on enter are put back, whatever happened.
+    """
+
+    def __init__(self, on_key: Callable[[str], None], fd: int | None = None) -> None:
+        self.on_key = on_key
+        self.fd = sys.stdin.fileno() if fd is None else fd
+        self._saved: list[Any] | None = None
+        self._wake: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> KeyReader:
+        import termios
+        import tty
+
+        self._saved = termios.tcgetattr(self.fd)
+        try:
+            tty.setcbreak(self.fd, termios.TCSANOW)
+            self._wake = os.pipe()
+            self._thread = threading.Thread(target=self._run, name="tiality-keys", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        import termios
+
+        try:
+            if self._wake is not None:
+                os.write(self._wake[1], b"x")
+                if self._thread is not None:
+                    self._thread.join(timeout=1.0)
+                for end in self._wake:
+                    os.close(end)
+                self._wake = None
+        finally:
+            saved, self._saved = self._saved, None
+            if saved is not None:
+                with contextlib.suppress(termios.error):  # the terminal is gone (hung up): nothing to restore
+                    termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+
+    def _run(self) -> None:
+        assert self._wake is not None
+        wake = self._wake[0]
+        while True:
+            ready, _, _ = select.select([self.fd, wake], [], [])
+            if wake in ready:
+                return
+            try:
+                data = os.read(self.fd, 64)
+            except OSError:  # the terminal went away
+                return
+            if not data:
+                return
+            for ch in data.decode(errors="ignore"):
+                self.on_key(ch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the refresh loop
+# ---------------------------------------------------------------------------------------------------------
+def present(
+    finished: Callable[[], bool],
+    stop: threading.Event,
+    *,
+    on_stop: Callable[[], None],
+    table: Callable[[], Any],
+    line: Callable[[], str | None],
+    json_: bool,
+    quiet: bool,
+    keys: Keys | None = None,
+) -> None:
+    """Shows figures until ``finished()`` holds; ``stop`` being set (a signal, or ``q``) calls ``on_stop``
+    once.
+
+    ``table`` builds the live view (called once per refresh, on terminals), ``line`` one JSON or log line.
+    ``keys`` maps characters to actions while the live view shows; ``q`` always stops.
+    """
+    wake = threading.Event()  # a key was pressed: refresh now
+    stopped = False
+
+    def poll(until: float) -> bool:
+        """Waits until the monotonic time ``until`` or a key press; True once finished. Handles ``stop``."""
+        nonlocal stopped
+        while True:
+            if finished():
+                return True
+            if stop.is_set() and not stopped:
+                stopped = True
+                on_stop()
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            if wake.wait(min(left, 0.05)):
+                wake.clear()
+                return finished()
+
+    def ticks(period: float) -> Iterator[None]:
+        """Yields on an absolute schedule, every ``period`` (and at once after a key), until finished.
+        A slow refresh skips the ticks it missed instead of bunching them up."""
+        t0 = time.monotonic()
+        k = 1
+        while not poll(t0 + k * period):
+            yield
+            k = max(k, int((time.monotonic() - t0) / period) + 1)
+
+    if json_:
+        for _ in ticks(JSON_EVERY_S):
+            text = line()
+            if text:
+                print(text, flush=True)
+        return
+    if quiet or not sys.stdout.isatty():
+        last = time.monotonic()
+        for _ in ticks(REFRESH_S):
+            if not quiet and time.monotonic() - last >= LOG_EVERY_S:
+                last = time.monotonic()
+                text = line()
+                if text:
+                    print(text, flush=True)
+        return
+
+    from rich.console import Console
+    from rich.live import Live
+
+    actions: dict[str, Callable[[], None]] = {"q": stop.set, "Q": stop.set}
+    actions.update(keys or {})
+
+    def on_key(ch: str) -> None:
+        act = actions.get(ch)
+        if act is not None:
+            act()
+            wake.set()
+
+    reader = KeyReader(on_key) if keys_available() else contextlib.nullcontext()
+    console = Console()
+    with reader, Live(table(), console=console, auto_refresh=False, transient=True) as live:
+        for _ in ticks(REFRESH_S):
+            live.update(table(), refresh=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# send
+# ---------------------------------------------------------------------------------------------------------
+def sender_fields(sender: Sender, rates: Rates, now_s: float) -> dict[str, Any]:
+    """The sender's JSON stats fields (docs/stats.md); ``rates`` turns counters into per-second rates."""
     st = sender.stats
+    fmt = sender.format
+    pps, kbps = rates.update(now_s, st.packets_sent, st.bytes_sent)
+    best = sender.clock_filter.best()
     return {
         "state": st.state,
         "source": sender.source.name,
-        "format": sender.format.describe(),
+        "target": sender.config.endpoint.target,
+        "format": fmt.describe(),
+        "frames_captured": st.frames_captured,
         "packets_sent": st.packets_sent,
         "bytes_sent": st.bytes_sent,
-        "backlog_ms": round(st.backlog * sender.format.frame_ms, 1),
+        "packets_per_s": round(pps, 3),
+        "bitrate_kbps": round(kbps, 3),
+        "backlog_ms": round(st.backlog * fmt.frame_ms, 1),
+        "backlog_peak_ms": round(st.backlog_peak * fmt.frame_ms, 1),
         "dropped": st.dropped,
         "overruns": sender.source.overruns,
         "level_dbfs": round(st.level_dbfs, 1),
         "peak_dbfs": round(st.peak_dbfs, 1),
+        "rtt_ms": None if best is None else round(best.round_trip_ns / 1e6, 3),
+        "clock_offset_ms": None if best is None else round(best.offset_ns / 1e6, 3),
+        "reconnects": st.reconnects,
+        "last_error": st.last_error,
     }
 
 
@@ -45,14 +265,21 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
         except BaseException as exc:
             outcome["error"] = exc
 
+    rates = Rates()
+    rates.update(time.monotonic(), 0, 0)  # so the first line's rates count from the start
+    monitor = SendMonitor(sender.config.max_backlog_ms, keys=keys_available())
+
+    def fields() -> dict[str, Any]:
+        return sender_fields(sender, rates, time.monotonic())
+
     thread = threading.Thread(target=work, name="tiality-send", daemon=True)
     thread.start()
     present(
         lambda: not thread.is_alive(),
         stop,
         on_stop=sender.stop,
-        table=lambda: sender_table(sender_fields(sender)),
-        line=lambda: json_line(sender_fields(sender)) if json_ else None,
+        table=lambda: send_view(monitor.frame(fields())),
+        line=lambda: json_line(fields()) if json_ else send_plain_line(monitor.frame(fields())),
         json_=json_,
         quiet=quiet,
     )
@@ -60,65 +287,55 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
     if "error" in outcome:
         raise outcome["error"]
     res = outcome["result"]
-    fields = sender_fields(sender)
-    fields.update(
+    summary = fields()
+    audio_s = sender.stats.frames_captured * sender.format.frame_ms / 1000
+    if audio_s > 0:  # the summary's rates are averages over the whole stream
+        summary["packets_per_s"] = round(res.packets_sent / audio_s, 3)
+        summary["bitrate_kbps"] = round(res.bytes_sent * 8 / 1000 / audio_s, 3)
+    summary.update(
         receiver_packets=res.receiver_packets,
         receiver_lost=res.receiver_lost,
         receiver_concealed=res.receiver_concealed,
         receiver_frames_played=res.receiver_frames_played,
     )
     if json_:
-        print(json_line(fields, event="summary"), flush=True)
-    elif not quiet:
+        print(json_line(summary, event="summary"), flush=True)
+    elif quiet:
+        print(send_summary_line(summary), flush=True)
+    else:
         from rich.console import Console
 
-        Console().print(sender_table(fields, title="tiality send: summary"))
+        Console().print(send_summary(summary))
 
 
-def present(
-    finished: Callable[[], bool],
-    stop: threading.Event,
-    *,
-    on_stop: Callable[[], None],
-    table: Callable[[], Any],
-    line: Callable[[], str | None],
-    json_: bool,
-    quiet: bool,
-) -> None:
-    """Shows live figures until ``finished()`` holds; a signal calls ``on_stop`` once."""
-    stopped = False
+# ---------------------------------------------------------------------------------------------------------
+# recv
+# ---------------------------------------------------------------------------------------------------------
+def receiver_fields(receiver: Receiver, snap: StatsSnapshot, played_s: float) -> dict[str, Any]:
+    """The receiver's JSON fields besides the snapshot's own (docs/stats.md)."""
+    return {
+        "played_s": round(played_s, 3),
+        **snap.as_dict(),
+        "volume_db": round(gain_db(receiver.volume), 1),
+        "muted": receiver.muted,
+        "streams_started": receiver.streams_started,
+    }
 
-    def poll(interval: float) -> bool:
-        nonlocal stopped
-        deadline = time.monotonic() + interval
-        while time.monotonic() < deadline:
-            if finished():
-                return True
-            if stop.wait(0.05) and not stopped:
-                stopped = True
-                on_stop()
-        return finished()
 
-    if json_:
-        while not poll(1.0):
-            text = line()
-            if text:
-                print(text, flush=True)
-        return
-    if quiet or not sys.stdout.isatty():
-        last = time.monotonic()
-        while not poll(0.25):
-            if not quiet and time.monotonic() - last >= 5.0:
-                last = time.monotonic()
-                text = line()
-                if text:
-                    print(text, flush=True)
-        return
-    from rich.live import Live
+def volume_keys(receiver: Receiver) -> dict[str, Callable[[], None]]:
+    """``m`` toggles mute, ``+``/``-`` change the volume in 3 dB steps (``=``/``_`` too: no shift)."""
 
-    with Live(table(), refresh_per_second=4, transient=True) as live:
-        while not poll(0.25):
-            live.update(table())
+    def toggle() -> None:
+        receiver.muted = not receiver.muted
+
+    def step(steps: int) -> Callable[[], None]:
+        def change() -> None:
+            receiver.volume = 10 ** (step_volume_db(gain_db(receiver.volume), steps) / 20)
+
+        return change
+
+    up, down = step(+1), step(-1)
+    return {"m": toggle, "M": toggle, "+": up, "=": up, "-": down, "_": down}
 
 
 def run_receiver(
@@ -143,26 +360,48 @@ def run_receiver(
     if seconds is not None and isinstance(sink, ClockedSink):
         sink.limit_seconds = seconds  # a file gets exactly that much audio
 
+    monitor = RecvMonitor(receiver.port, sink.name, keys=keys_available())
+
+    def frame() -> RecvFrame:
+        return monitor.frame(
+            time.monotonic(),
+            receiver.snapshot(),
+            receiver.session_views(),
+            streams_started=receiver.streams_started,
+            volume_db=gain_db(receiver.volume),
+            muted=receiver.muted,
+        )
+
+    def line() -> str:
+        if not json_:
+            return recv_plain_line(frame())
+        fields = receiver_fields(receiver, receiver.snapshot(), played_s())
+        fields["senders"] = [sender_entry(v) for v in receiver.session_views()]
+        return json_line(fields)
+
     try:
         present(
             lambda: done() or stop.is_set(),
             stop,
             on_stop=lambda: None,
-            table=lambda: receiver_table(receiver.snapshot()),
-            line=lambda: (
-                json_line(receiver.snapshot().as_dict()) if json_ else plain_line(receiver.snapshot())
-            ),
+            table=lambda: recv_view(frame()),
+            line=line,
             json_=json_,
             quiet=quiet,
+            keys=volume_keys(receiver),
         )
     finally:
         receiver.stop()
     snap = receiver.snapshot()
+    fields = receiver_fields(receiver, snap, played_s())
+    if fields["played_s"] > 0:  # the summary's rates are averages over the audio played
+        fields["packets_per_s"] = round(snap.packets / fields["played_s"], 3)
+        fields["bitrate_kbps"] = round(snap.bytes * 8 / 1000 / fields["played_s"], 3)
     if json_:
-        print(json_line(snap.as_dict(), event="summary", played_s=round(played_s(), 3)), flush=True)
+        print(json_line(fields, event="summary"), flush=True)
     elif not quiet:
         from rich.console import Console
 
-        Console().print(receiver_table(snap, title="tiality recv: summary"))
+        Console().print(recv_summary(snap, played_s=played_s(), streams_started=receiver.streams_started))
     else:
-        print(plain_line(snap), flush=True)
+        print(recv_plain_line(frame()), flush=True)
