@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers.proxy import FaultProxy
@@ -78,3 +80,60 @@ def test_a_larger_backlog_allows_more_before_dropping(link: tuple[Receiver, Faul
     proxy.resume()
     thread.join(timeout=15)
     assert not thread.is_alive()
+
+
+def test_a_reset_connection_is_re_established_by_the_sender(link: tuple[Receiver, FaultProxy]) -> None:
+    rx, proxy = link
+    sender, thread, out = start_sender(proxy.port, seconds=6.0)
+    wait_until(lambda: rx.snapshot().packets >= 25, 10, "audio before the reset")
+    assert proxy.cut() == 1
+    wait_until(lambda: rx.streams_started >= 2, 10, "the sender to open a new stream")
+    wait_until(lambda: len(rx.sessions) == 1 and rx.sessions[0].received >= 25, 10, "audio after the reset")
+    thread.join(timeout=15)
+    assert out["result"].reconnects >= 1
+    assert sender.stats.frames_captured == 300  # capture never stopped
+
+
+def test_added_delay_raises_latency_without_losing_audio(link: tuple[Receiver, FaultProxy]) -> None:
+    rx, proxy = link
+    _, thread, out = start_sender(proxy.port, seconds=5.0)
+    wait_until(lambda: rx.snapshot().packets >= 50, 10, "a steady stream")
+    before = rx.snapshot().latency_ms_p50
+    proxy.set_delay(60)  # one-way, constant: the whole stream shifts, nothing reorders
+    thread.join(timeout=15)
+    assert rx.wait_for(streams_ended=1, timeout=5)
+    snap = rx.snapshot()
+    assert out["result"].receiver_packets == 250 and snap.lost == 0
+    assert snap.latency_ms_p95 > before + 40  # the added delay shows in the one-way latency
+
+
+def test_two_senders_are_mixed(tmp_path: Path) -> None:
+    from tiality_cli.sinks import open_sink
+    from tiality_cli.wavfile import read_wav
+
+    out_path = tmp_path / "mix.wav"
+    rx = Receiver(open_sink(f"file:{out_path}", AudioFormat()), ReceiverConfig(port=0, bind="127.0.0.1"))
+    port = rx.start()
+    try:
+        threads = []
+        for freq in (500, 1300):
+            s = Sender(
+                open_source(f"tone://{freq}", AudioFormat()),
+                SenderConfig(Endpoint("127.0.0.1", port), seconds=2),
+            )
+            t = threading.Thread(target=s.run, daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(timeout=15)
+        assert rx.wait_for(streams_ended=2, timeout=10)
+    finally:
+        rx.stop()
+    audio, _ = read_wav(out_path)
+    mid = audio[len(audio) // 4 : 3 * len(audio) // 4, 0]
+    spectrum = np.abs(np.fft.rfft(mid * np.hanning(len(mid))))
+    freqs = np.fft.rfftfreq(len(mid), 1 / 48_000)
+    peak = spectrum.max()
+    for freq in (500, 1300):  # both tones are heard at once, at similar strength
+        band = spectrum[(freqs > freq - 20) & (freqs < freq + 20)].max()
+        assert band > 0.3 * peak
