@@ -48,8 +48,7 @@ def test_latency_is_right_when_the_two_clocks_are_seconds_apart(skew_s: float) -
             SenderConfig(Endpoint("127.0.0.1", port), seconds=1.0),
             sender_clock,
         )
-        done = threading.Event()
-        threading.Thread(target=lambda: (sender.run(), done.set()), daemon=True).start()
+        threading.Thread(target=sender.run, daemon=True).start()
         assert rx.wait_for(streams_ended=1, timeout=15)
         session_offset = sender.clock_filter.best()
         snap = rx.snapshot()
