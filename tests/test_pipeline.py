@@ -11,6 +11,7 @@ from helpers.pipeline import stream_file
 from helpers.signals import (
     SPEECH_WAV,
     align,
+    chunked_snr_db,
     find_dropouts,
     follow_warp,
     load_speech,
@@ -74,7 +75,10 @@ def test_frame_sizes_layouts_and_rates_round_trip(
     ref = convert_audio(speech, 48_000, fmt).astype(np.float32) / 32768
     lag = align(ref[:, :1], trip.out[:, :1], max_lag_samples=rate // 10)
     a, b = trim_aligned(ref, trip.out, lag)
-    # On a loaded machine the buffer may skip or insert a frame (2.5 ms frames: a few samples each);
-    # follow the timeline through those shifts and judge the content.
-    warped = follow_warp(a, b, rate, max_shift_ms=10.0)
-    assert segmental_snr_db(a, warped, rate) >= 15.0, (s.skipped, s.inserted, s.late, lag)
+    if s.skipped + s.inserted == 0:
+        # Only drift compensation may have slid the timeline, by a few samples: follow it.
+        assert segmental_snr_db(a, follow_warp(a, b, rate, max_shift_ms=10.0), rate) >= 15.0, (s.late, lag)
+    else:
+        # On a loaded machine the buffer skipped or inserted a frame to steer its latency, which moves
+        # the timeline by a whole frame: judge the audio in chunks, each aligned on its own.
+        assert chunked_snr_db(a, b, rate) >= 12.0, (s.skipped, s.inserted, s.late, lag)

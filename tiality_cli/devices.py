@@ -655,9 +655,11 @@ class AlsaCapture:
 
 
 class AlsaPlayback:
-    """ALSA playback: a thread fills one frame per period and writes it to a 3-period buffer."""
+    """ALSA playback: a thread fills one 5 ms period at a time and writes it to a 4-period buffer."""
 
-    PERIODS = 3  # the device plays one while we fill the next; a third absorbs scheduling jitter
+    # 4 x 5 ms, as the PortAudio sink: the device plays one period while we fill the next, two more
+    # absorb scheduling jitter. (3 x 20 ms cost about 30 ms more end to end; docs/performance.md.)
+    PERIODS = 4
 
     def __init__(self, uri: str, device: str, fmt: AudioFormat, clock: Clock) -> None:
         self.name = uri
@@ -680,8 +682,9 @@ class AlsaPlayback:
         if self._pcm is not None:
             self._pcm.close()
             self._pcm = None
+        self.period = min(fmt.frame_samples, fmt.sample_rate * BLOCK_US // 1_000_000)
         self._pcm, info = _open_alsa_pcm(
-            self.name, self.device, False, fmt.sample_rate, fmt.channels, fmt.frame_samples, self.PERIODS
+            self.name, self.device, False, fmt.sample_rate, fmt.channels, self.period, self.PERIODS
         )
         self.buffer_frames = int(info["buffer_size"])
         self._poll = _PcmPoll(self._pcm, _select.POLLOUT)
@@ -699,7 +702,7 @@ class AlsaPlayback:
 
     def _run(self, fill: FillFn, fmt: AudioFormat) -> None:
         pcm = self._pcm
-        buf = np.zeros((fmt.frame_samples, fmt.channels), dtype=np.int16)
+        buf = np.zeros((self.period, fmt.channels), dtype=np.int16)
         n = len(buf)
         try:
             while not self._stop.is_set():

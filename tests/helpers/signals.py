@@ -6,7 +6,7 @@ for dropped blocks, and time clicks to measure latency.
 
 Generating:     tone, white_noise, click_train, load_speech (tests/data/speech.wav)
 Aligning:       align, trim_aligned, follow_warp
-Comparing:      snr_db, segmental_snr_db, correlation, rms_dbfs
+Comparing:      snr_db, segmental_snr_db, chunked_snr_db, correlation, rms_dbfs
 Inspecting:     find_dropouts, detect_clicks
 
 Conventions: a signal is float in [-1, 1], shape (frames,) or (frames, channels) (the layout of
@@ -32,6 +32,7 @@ __all__ = [
     "ClickTrain",
     "Signal",
     "align",
+    "chunked_snr_db",
     "click_train",
     "correlation",
     "detect_clicks",
@@ -277,6 +278,49 @@ def follow_warp(
                 best, best_val = shift, val
         out[start : start + block] = rec[start + best : start + best + block]
     return out
+
+
+def chunked_snr_db(
+    reference: npt.ArrayLike,
+    received: npt.ArrayLike,
+    rate: int,
+    *,
+    chunk_ms: float = 100.0,
+    max_shift_ms: float = 50.0,
+    silence_rms_dbfs: float = -50.0,
+) -> float:
+    """Median over ``chunk_ms`` chunks of the SNR, each chunk aligned on its own (within ``max_shift_ms``).
+
+    The receiver may skip or insert whole frames to steer its latency (each a 2.5-60 ms jump of the
+    timeline): a global alignment then only fits the part before or after the jump. Aligning every
+    chunk separately judges the audio itself; the median ignores the few chunks that straddle a jump.
+    Chunks that are silent in the reference are left out. ``received`` is searched around the
+    reference's own position, so pass signals already roughly aligned (``align``/``trim_aligned``).
+    """
+    _check_rate(rate)
+    ref = _mono(reference)
+    rec = _mono(received)
+    chunk = max(1, round(chunk_ms * rate / 1000))
+    shift = round(max_shift_ms * rate / 1000)
+    results = []
+    for start in range(0, ref.size - chunk + 1, chunk):
+        r = ref[start : start + chunk]
+        if 10 * math.log10(float(np.mean(r**2)) + 1e-30) < silence_rms_dbfs:
+            continue
+        lo, hi = max(0, start - shift), min(rec.size, start + chunk + shift)
+        window = rec[lo:hi]
+        if window.size < chunk:
+            continue
+        corr = np.correlate(window, r, mode="valid")
+        k = int(np.argmax(corr))
+        seg = window[k : k + chunk]
+        energy = float(np.dot(r, r))
+        gain = float(np.dot(seg, r)) / energy
+        noise = float(np.sum((seg - gain * r) ** 2))
+        results.append(35.0 if noise == 0 else min(35.0, 10 * math.log10(gain * gain * energy / noise)))
+    if not results:
+        raise ValueError("chunked_snr_db: no chunk of the reference is loud enough")
+    return float(np.median(results))
 
 
 def correlation(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
