@@ -36,12 +36,12 @@ class SeqUnwrapper:
 
 class Put(IntEnum):
     STORED = 0
-    DUPLICATE = 1  # the same sequence is already buffered or was already played
-    LATE = 2  # its frame was already concealed (or skipped) at playout time
+    DUPLICATE = 1  # the same sequence is already buffered, was already played, or already came late
+    LATE = 2  # its frame's turn has passed (it was concealed): dropped
     TOO_FAR = 3  # beyond the ring: the caller decides (resynchronise)
 
 
-_EMPTY, _FILLED, _PLAYED, _MISSED = 0, 1, 2, 3
+_EMPTY, _FILLED, _PLAYED, _MISSED, _LATE = 0, 1, 2, 3, 4
 
 
 class JitterBuffer:
@@ -73,10 +73,12 @@ class JitterBuffer:
     def put(self, seq: int, payload: bytes, capture_ns: int) -> Put:
         i = seq & self._mask
         if seq < self.next_seq:
-            if self._seq[i] == seq and self._state[i] == _PLAYED:
-                return Put.DUPLICATE
             if seq <= self.next_seq - self.capacity:
                 return Put.TOO_FAR
+            if self._seq[i] == seq:
+                if self._state[i] != _MISSED:
+                    return Put.DUPLICATE  # played, or a copy of a packet that already came late
+                self._state[i] = _LATE
             return Put.LATE
         if seq >= self.next_seq + self.capacity:
             return Put.TOO_FAR

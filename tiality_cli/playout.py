@@ -6,16 +6,33 @@ locks). Everything the engine decides is derived from two clocks it is given: ar
 times, both on the receiver's monotonic clock, so it runs unchanged on a simulated clock in tests.
 
 How latency is controlled (all figures in receiver time):
-  * r_k = arrival_k - k * T is packet k's arrival relative to the nominal schedule; m = min r over a
-    sliding window is the earliest any packet could have arrived. j_k = r_k - m is k's network jitter.
-  * B = (time frame ``next_seq`` is due at the sink) - (next_seq * T + m) is the playout delay beyond the
-    earliest arrivals: what the buffer holds. A packet with j_k > B misses its turn (late).
+  * s_k is packet k's slot on the sender's schedule as the receiver sees it: k * T / (1 + drift), drift
+    being the estimate of how fast the sender's clock runs against ours. r_k = arrival_k - s_k is k's
+    arrival relative to that schedule; m = min r over a sliding window (2 s) is the earliest any packet
+    could have arrived, and j_k = r_k - m is k's network jitter. When the drift estimate changes, the
+    schedule pivots at the playout position and the window is re-evaluated on it: r does not creep,
+    and m does not lag behind a slow sender (whose r would rise, leaving the old minimum in place).
+  * B = (when the first sample of frame ``next_seq`` plays) - (s_next + m) is the playout delay beyond
+    the earliest arrivals: what the buffer holds. The frame is decoded at the pull that needs it, the
+    one whose block holds that sample: a packet with j_k > B is late, one with j_k <= B - block is sure
+    to be in time. Without resampling, frames of whole blocks start blocks, and j_k <= B is in time;
+    with it, the frames slide across the sink's block grid, so an auto target adds a block. (Measuring
+    at the decode pull instead would make B jump by a block at each slide, and the loop chase it.)
   * The target for B is a high percentile of j over the window plus a margin (``--latency auto``), or a
-    fixed value; it rises as soon as the percentile does and falls by at most ``shrink_ms_per_s``.
-  * B is steered to the target three ways: a small varying resampling ratio (a PI loop whose integral is
-    the clock drift, reported in ppm), skipping whole frames (preferring quiet ones) when B is over by
-    more than a frame and a half (at least a frame + 5 ms), and inserting a concealed frame when it is
-    short by half a frame (at least 5 ms); small frames would otherwise skip and insert on mere jitter.
+    fixed value; it rises as soon as the percentile does and falls by at most ``shrink_ms_per_s``. A
+    stall is not jitter: packets that arrive in one clump behind a delayed one (head-of-line blocking,
+    the burst after a stall) carry that one delay again, less a frame each, so only the first counts.
+  * B is steered to the target three ways. The resampling ratio is 1 + drift + a phase term (100 ppm
+    per ms that B is beyond a 2 ms dead band); drift comes from a frequency-locked loop on B's trend
+    (see _track_drift) and is reported in ppm. A whole frame is skipped (a quiet one if possible) when
+    B is over by a frame + 5 ms, and a concealed frame inserted when B is short by a quarter frame (at
+    least 5 ms): small frames would otherwise skip and insert on mere jitter, and after either, B lands
+    short of the other's threshold, so they never alternate.
+
+Accounting: a packet that arrives after its frame's turn is ``late`` (dropped, counted once however many
+copies come); a frame is ``lost`` when its packet never came at all (missing at its turn, not late
+since); ``concealed`` counts frames Opus PLC made up for missing or corrupt packets, ``fec_recovered``
+those rebuilt from the next packet's in-band FEC (only when that packet carries some).
 """
 
 from __future__ import annotations
@@ -37,8 +54,12 @@ from tiality_cli.jitter import JitterBuffer, Put, SeqUnwrapper
 from tiality_cli.stats import ReceiverStats, Window
 
 F32 = npt.NDArray[np.float32]
-KP = 0.1  # per second: proportional gain of the ratio loop
-KI = KP / 40.0  # per second^2: integral gain (the drift estimate)
+KP = 0.1  # per second: phase gain (1 ms beyond the dead band -> 100 ppm faster; a 10 s time constant)
+DEAD_BAND_NS = 2e6  # B may wander this far from the target before the ratio is bent to steer it
+FLL_BLOCK_NS = 2_000_000_000  # the drift estimator compares the lowest B in the halves of blocks this long
+FLL_MIN_GAIN = 0.02  # its gain falls as 1/n to this floor: it averages, then tracks (a 100 s memory)
+FLOOR_WINDOW_S = 2.0  # m's window: enough packets to find the floor, and a route change's new one in 2 s
+MAX_RATIO_DEV = 0.002  # clamp on drift and on the P term: 0.2 % is 3.5 cents, inaudible
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +70,12 @@ class PlayoutConfig:
     max_latency_ms: float = 200.0  # the target never exceeds this; raise it only for very bad links
     start_latency_ms: float = 10.0  # auto mode's first target, before any jitter has been seen
     margin_ms: float = 3.0  # added to the jitter percentile; covers scheduling noise on the receiver
-    jitter_window_s: float = 10.0  # how far back the jitter percentile and the earliest arrival look
+    jitter_window_s: float = 10.0  # how far back the jitter percentile looks (the earliest arrival: 2 s)
     jitter_percentile: float = 99.5  # high: on a quiet link, a late packet is a rare event
     shrink_ms_per_s: float = 5.0  # how fast an auto target may fall once the network calms down
     drift_compensation: bool = True  # resample to follow the sender's clock (off: exact samples out)
-    fec: bool = True  # rebuild a lost frame from the next packet's in-band FEC when it has some
+    fec: bool = True  # rebuild a lost frame from the next packet's in-band FEC when it has some; the next
+    # packet must be in hand by then, so an auto target holds one frame more for a stream with FEC
     resampler: str = "sinc_fastest"  # libsamplerate converter used for drift compensation
 
     def validate(self) -> PlayoutConfig:
@@ -72,20 +94,44 @@ class State(IntEnum):
     FINISHED = 2  # the sender closed and every frame has been played
 
 
-class _MinWindow:
-    """Sliding-window minimum over the last ``size`` (index, value) samples, O(1) amortised."""
+class _Floor:
+    """m: the minimum of r_k = arrival_k - s_k over the last ``size`` packets that came in time.
+
+    A sliding-window minimum (a monotone deque, O(1) amortised per packet) over r computed on the current
+    schedule; the raw (k, arrival) pairs are kept in a ring too, so that when the schedule pivots to a new
+    clock-rate estimate, the whole window is re-evaluated on it and m does not lag behind. The window
+    counts arrivals, not sequence numbers: the burst after a stall (late, so left out) does not flush it.
+    """
 
     def __init__(self, size: int) -> None:
-        self._size = size
-        self._q: deque[tuple[int, int]] = deque()
+        self.size = size
+        self._q: deque[tuple[int, int]] = deque()  # (arrival number, r), r increasing
+        self._ring_k = [0] * size
+        self._ring_a = [0] * size
+        self._n = 0
 
-    def add(self, index: int, value: int) -> None:
+    def add(self, k: int, arrival: int, r: int) -> None:
+        n = self._n
+        i = n % self.size
+        self._ring_k[i], self._ring_a[i] = k, arrival
+        self._n = n + 1
         q = self._q
-        while q and q[-1][1] >= value:
+        while q and q[-1][1] >= r:
             q.pop()
-        q.append((index, value))
-        while q[0][0] <= index - self._size:
+        q.append((n, r))
+        if q[0][0] <= n - self.size:
             q.popleft()
+
+    def rebuild(self, sched_t: float, sched_k: int, period: float) -> None:
+        """Re-evaluates the window on the schedule s_k = sched_t + (k - sched_k) * period."""
+        q = self._q
+        q.clear()
+        for n in range(max(0, self._n - self.size), self._n):
+            i = n % self.size
+            r = int(self._ring_a[i] - sched_t - (self._ring_k[i] - sched_k) * period)
+            while q and q[-1][1] >= r:
+                q.pop()
+            q.append((n, r))
 
     @property
     def value(self) -> int:
@@ -93,6 +139,43 @@ class _MinWindow:
 
     def __bool__(self) -> bool:
         return bool(self._q)
+
+
+def _has_fec(packet: bytes) -> bool:
+    """Whether an Opus packet carries in-band FEC (LBRR) for the frame before it (RFC 6716 s3, 4.2.3).
+
+    What libopus >= 1.5 calls opus_packet_has_lbrr: CELT-only packets never do; for SILK and hybrid ones
+    the LBRR flag follows each channel's VAD flags at the start of the first frame. Without this check
+    the decoder's "FEC" output for a packet without any is plain concealment, counted as a recovery.
+    """
+    n = len(packet)
+    if n < 2:
+        return False
+    toc = packet[0]
+    config = toc >> 3
+    if config >= 16:  # CELT only
+        return False
+    silk_frames = (1, 1, 2, 3)[config & 3] if config < 12 else 1  # 20 ms SILK frames per frame
+    code = toc & 3
+    i = 1
+    if code == 2:  # two frames, the first one's length in 1 or 2 bytes
+        i += 1 if packet[1] < 252 else 2
+    elif code == 3:  # count byte, optional padding length, VBR frame lengths
+        count, vbr, pad = packet[1] & 0x3F, packet[1] & 0x80, packet[1] & 0x40
+        i = 2
+        while pad and i < n:
+            pad = packet[i] == 255
+            i += 1
+        for _ in range(count - 1 if vbr else 0):
+            if i >= n:
+                return False
+            i += 1 if packet[i] < 252 else 2
+    if i >= n:
+        return False
+    first = packet[i]
+    if first >> (7 - silk_frames) & 1:
+        return True
+    return bool(toc & 4) and bool(first >> (6 - 2 * silk_frames) & 1)  # stereo: the side channel's flag
 
 
 class StreamPlayout:
@@ -149,26 +232,45 @@ class StreamPlayout:
 
         # Latency control state.
         win = max(8, int(cfg.jitter_window_s * 1e9 / self._T))
-        self._rmin = _MinWindow(win)
+        self._floor = _Floor(max(8, min(win, int(FLOOR_WINDOW_S * 1e9 / self._T))))
         self._jit = Window(win)
-        self._k0 = 0
+        self._k0 = 0  # where playout started (or last resynchronised)
         self._first_arrival = 0
+        # The sender's schedule in receiver time: s_k = _sched_t + (k - _sched_k) * _period.
+        self._sched_k = 0
+        self._sched_t = 0.0
+        self._period = float(self._T)
+        self._last_arrival = 0
+        self._last_j = 0  # jitter of the previous arrival, to spot clumps
+        self._newest_k = 0  # the highest sequence seen since the last resync, and its capture time
+        self._newest_capture = 0
         self._since_quantile = 0
+        self._fec_ns = self._T if self.fec else 0  # FEC needs the next packet in hand: a frame more
         self._desired_ns = self._initial_target_ns()
         self.target_ns = self._desired_ns
         self.buffer_ns = 0.0
-        self._drift = 0.0  # input samples consumed per output sample, minus one (integral term)
-        self._adj = 0.0  # proportional term
+        self._drift = 0.0  # the sender's clock rate over ours, minus one (the frequency estimate)
+        self._adj = 0.0  # the phase term, steering B to its target
+        # Frequency-locked loop (see _track_drift): u = B + what the phase term, skips and inserts did to B.
+        self._u_acc = 0.0
+        self._blk_start = 0  # when the current block began (0: at the next pull)
+        # Per half of the block: the lowest output side of u, the sum of m, the number of pulls.
+        self._blk_half = [math.inf, 0.0, 0.0, math.inf, 0.0, 0.0]
+        self._blk_out = False  # B left the dead band in it
+        self._fll_blocks = 0  # blocks seen since the start or the last resync
+        self._fll_n = 0  # slope measurements taken
         self._last_control_ns = 0
         self._skip_wanted = False
         self._skip_since_ns = 0
         self._insert_wanted = False
-        self._missing = 0
+        self._missing = 0  # frames missing at their turn
+        self._late_missed = 0  # ... whose packet came afterwards
 
     def _initial_target_ns(self) -> float:
         cfg = self.config
-        ms = cfg.latency_ms if cfg.latency_ms is not None else min(cfg.start_latency_ms, cfg.max_latency_ms)
-        return ms * 1e6
+        if cfg.latency_ms is not None:
+            return cfg.latency_ms * 1e6
+        return min(cfg.start_latency_ms * 1e6 + self._fec_ns, cfg.max_latency_ms * 1e6)
 
     # ---- network thread -------------------------------------------------------------------------------
     def push(self, seq: int, capture_ns: int, payload: bytes) -> None:
@@ -184,7 +286,9 @@ class StreamPlayout:
         """Writes exactly ``len(out)`` samples; returns False when no stream audio was written."""
         now = self.clock.monotonic_ns()
         self._drain()
+        n = len(out)
         if self.state == State.WAITING:
+            # Start once the first packet has waited the target: B starts there (see _control).
             if not self._first_arrival or now - self._first_arrival < self.target_ns:
                 if self._ended and not self._first_arrival:
                     self._finish()
@@ -194,7 +298,6 @@ class StreamPlayout:
         elif self.state == State.FINISHED:
             out[:] = 0
             return False
-        n = len(out)
         while self._fw - self._fr < n and self.state == State.PLAYING:
             if self._ended and self.jb.next_seq > self.jb.highest:
                 break
@@ -214,7 +317,7 @@ class StreamPlayout:
 
     def _finish(self) -> None:
         self.state = State.FINISHED
-        self.stats.lost = max(0, self._missing - self.stats.late)
+        self.stats.lost = max(0, self._missing - self._late_missed)
         self.finished.set()
 
     def _drain(self) -> None:
@@ -231,37 +334,70 @@ class StreamPlayout:
                 jb.reset(k)
                 self._k0 = k
                 self._first_arrival = arrival
+            if (
+                k < jb.next_seq
+                and capture
+                and self._newest_capture
+                and capture - self._newest_capture - (k - self._newest_k) * self._T > 1_000_000_000
+                and self.state == State.PLAYING
+            ):
+                # Behind the playout position, yet captured over a second later than its number says
+                # (counting from the newest packet): not a late packet but a sender whose sequence
+                # restarted lower. A stall's burst is late, but its capture times match its numbers.
+                self._resync(k, arrival)
             res = jb.put(k, payload, capture)
             if res == Put.TOO_FAR:
                 if k > jb.next_seq or self.state == State.WAITING:
-                    # A jump the ring cannot span (the sender's sequence restarted): start over from k.
-                    st.resyncs += 1
-                    jb.reset(k)
-                    self._k0 = k
-                    self._rmin = _MinWindow(self._rmin._size)
-                    jb.put(k, payload, capture)
-                    res = Put.STORED
+                    # A jump the ring cannot span (the sender skipped ahead or restarted): start over at k.
+                    self._resync(k, arrival)
+                    res = jb.put(k, payload, capture)
                 else:
-                    st.late += 1
+                    self._count_late(k)  # beyond the ring's memory: a duplicate would look the same
                     continue
             elif res == Put.LATE and self.state == State.WAITING:
                 jb.next_seq = k  # reordering before playout started: begin at the earlier packet
                 res = jb.put(k, payload, capture)
+            if k >= self._newest_k:
+                self._newest_k, self._newest_capture = k, capture
             if res == Put.DUPLICATE:
                 st.duplicates += 1
                 continue
             if res == Put.LATE:
-                st.late += 1
-                st.lost = max(0, self._missing - st.late)
-            self._track_arrival(k, arrival)
+                self._count_late(k)
+            self._track_arrival(k, arrival, res != Put.LATE)
 
-    def _track_arrival(self, k: int, arrival: int) -> None:
-        r = arrival - (k - self._k0) * self._T
-        self._rmin.add(k, r)
-        j = r - self._rmin.value
-        if j <= self.config.max_latency_ms * 1e6:  # a stall's burst is not jitter to buffer for
+    def _count_late(self, k: int) -> None:
+        st = self.stats
+        st.late += 1
+        if k >= self._k0:  # its frame was concealed at its turn (not before the start): not lost after all
+            self._late_missed += 1
+            st.lost = max(0, self._missing - self._late_missed)
+
+    def _resync(self, k: int, arrival: int) -> None:
+        """Restarts the playout position at k (a sequence jump the ring cannot span)."""
+        self.stats.resyncs += 1
+        self.jb.reset(k)
+        self._k0 = self._newest_k = k
+        self._floor = _Floor(self._floor.size)
+        self._sched_k, self._sched_t = k, float(arrival)
+        self._last_arrival = 0
+        self._fll_blocks = 0
+        self._blk_start = 0
+        self._blk_half[:] = [math.inf, 0.0, 0.0, math.inf, 0.0, 0.0]
+        self._blk_out = False
+
+    def _track_arrival(self, k: int, arrival: int, in_time: bool) -> None:
+        r = int(arrival - self._sched_t - (k - self._sched_k) * self._period)
+        if in_time:  # (a late packet cannot be the earliest)
+            self._floor.add(k, arrival, r)
+        j = r - self._floor.value
+        # Head-of-line blocking: a packet arriving on the heels of the previous one with less jitter is in
+        # its shadow (a stall's burst has j falling by T per packet): that delay was counted once already.
+        shadow = arrival - self._last_arrival < self._T // 4 and j < self._last_j
+        self._last_arrival, self._last_j = arrival, j
+        if not shadow and j <= self.config.max_latency_ms * 1e6:  # longer: an outage, not jitter
             self._jit.add(float(j))
-        self._since_quantile += 1
+            self._since_quantile += 1
 
     def _produce(self, now: int) -> None:
         """Appends one frame (decoded, FEC, concealed or skipped-over) to the FIFO."""
@@ -269,27 +405,31 @@ class StreamPlayout:
         if self._insert_wanted:
             self._insert_wanted = False
             st.inserted += 1
+            self._u_acc -= self._period
             self._append(dec.conceal(self._frame_out), 0)
             return
         seq = jb.next_seq
         payload, capture = jb.pop()
         if payload is not None:
             try:
-                n = dec.decode(payload)
+                n = dec.decode(payload) if payload else -1  # libopus would conceal an empty packet silently
             except CorruptPacketError:
+                n = -1
+            if n != self._frame_out:  # undecodable, or not one frame: conceal, keep the timeline exact
                 st.corrupt += 1
                 n, capture = dec.conceal(self._frame_out), 0
                 st.concealed += 1
             else:
                 if self._skip_wanted and jb.count > 0 and self._is_quiet_or_urgent(n, now):
                     st.skipped += 1
+                    self._u_acc += self._period
                     self._skip_wanted = False
                     return
         else:
             self._missing += 1
-            st.lost = max(0, self._missing - st.late)
+            st.lost = max(0, self._missing - self._late_missed)
             nxt = jb.peek(seq + 1) if self.fec else None
-            if nxt is not None:
+            if nxt is not None and _has_fec(nxt):
                 try:
                     n = dec.decode_fec(nxt, self._frame_out)
                     st.fec_recovered += 1
@@ -359,7 +499,7 @@ class StreamPlayout:
 
     def _control(self, now: int, n: int) -> None:
         """Updates the target, measures B and steers it (ratio, skip, insert)."""
-        if not self._rmin:
+        if not self._floor:
             return
         cfg, T = self.config, self._T
         dt = (now - self._last_control_ns) / 1e9 if self._last_control_ns else 0.0
@@ -367,40 +507,99 @@ class StreamPlayout:
         # Target: percentile of jitter + margin, fast up, slow down (auto mode only).
         if cfg.latency_ms is None and self._since_quantile >= 8 and len(self._jit) >= 8:
             self._since_quantile = 0
-            desired = self._jit.percentile(cfg.jitter_percentile) + cfg.margin_ms * 1e6
+            desired = self._jit.percentile(cfg.jitter_percentile) + cfg.margin_ms * 1e6 + self._fec_ns
+            if self._resampler is not None:  # a frame's decode deadline may fall a block before its play
+                desired += n * 1e9 / self._rate_out
             self._desired_ns = min(desired, cfg.max_latency_ms * 1e6)
         if self._desired_ns >= self.target_ns:
             self.target_ns = self._desired_ns
         else:
             self.target_ns = max(self._desired_ns, self.target_ns - cfg.shrink_ms_per_s * 1e6 * dt)
-        # B: when is next_seq due at the sink, relative to its earliest possible arrival?
-        block_ns = n * 1_000_000_000 / self._rate_out
-        pending = self._fw - self._fr
-        due = now + (pending // n + 1) * block_ns
-        b = due - (self.jb.next_seq - self._k0) * T - self._rmin.value
+        # B: when does next_seq's first sample play (after those pending and the next block's worth),
+        # relative to its earliest possible arrival?
+        nxt = self.jb.next_seq
+        s_next = self._sched_t + (nxt - self._sched_k) * self._period
+        b = now + (self._fw - self._fr + n) * 1e9 / self._rate_out - s_next - self._floor.value
         self.buffer_ns = b
         err = b - self.target_ns
         st = self.stats
         st.buffer_ms = b / 1e6
         st.target_ms = self.target_ns / 1e6
-        if err > max(1.5 * T, T + 5e6) and self.jb.count > 0:
+        if err > T + 5e6 and self.jb.count > 0:
             if not self._skip_wanted:
                 self._skip_wanted = True
                 self._skip_since_ns = now
             self._adj = 0.0
-        elif err < -max(0.5 * T, 5e6):
+        elif err < -max(0.25 * T, 5e6):
             self._skip_wanted = False
             self._insert_wanted = True
             self._adj = 0.0
         else:
             self._skip_wanted = False
             if self._resampler is not None:
-                # Dead band: on a steady link B wanders by a millisecond or two with the jitter; leaving
-                # the ratio alone then keeps the audio's timeline exact (no needless warping).
-                dead = max(2e6, T / 8)
-                e = math.copysign(max(0.0, abs(err) - dead), err) / 1e9  # seconds beyond the band
-                # P: 1 ms beyond the band -> 100 ppm faster (a 10 s time constant, inaudible).
-                # I: the clock drift, settling over about a minute; both clamped well inside audibility.
-                self._adj = max(-0.002, min(0.002, KP * e))
-                self._drift = max(-0.002, min(0.002, self._drift + KI * e * dt))
-                st.drift_ppm = self._drift * 1e6
+                # Dead band: on a steady link B wanders by a millisecond or so with the receiver's timing;
+                # leaving the ratio alone then keeps the audio's timeline exact (no needless warping).
+                e = math.copysign(max(0.0, abs(err) - DEAD_BAND_NS), err) / 1e9  # seconds beyond it
+                self._adj = max(-MAX_RATIO_DEV, min(MAX_RATIO_DEV, KP * e))
+        if self._resampler is not None:
+            self._track_drift(now, b, err, dt)
+
+    def _track_drift(self, now: int, b: float, err: float, dt: float) -> None:
+        """Frequency-locked loop: estimates the sender's clock rate from B's trend, steering aside.
+
+        B changes at (sender's rate - our consumption) = drift - estimate - adj, so u = B + the integral
+        of adj (+ the frames skipped, - those inserted) changes at drift - estimate only. Each block, the
+        estimate moves by a gain times u's slope between the block's two halves, u = o - m being taken
+        in each half as the lowest o (the output side: a sink thread that wakes up late only ever raises
+        it, so its lower envelope ignores scheduling noise, however large) minus the mean m (the floor
+        steps both ways as the window slides: a mean does not bias it). The gain is 1/n at first (a running
+        average of the measurements), then FLL_MIN_GAIN (an exponential one). Target changes, skips and
+        inserts do not disturb the estimate, unlike an integral of B's error, which winds up on each of
+        them. The schedule then pivots at the playout position and m is re-evaluated on it, so the next
+        block measures the new estimate only. Only blocks in which B left the dead band (so that the
+        phase term acted) count: while B stays inside, the estimate, and so the ratio, stays put, and on
+        a link without drift the audio's timeline is exact; a residual error drives B to the band's
+        edge, where it is measured and corrected.
+        """
+        self._u_acc += self._adj * dt * 1e9
+        m = self._floor.value
+        o = b + m + self._u_acc  # the output side of u (late wake-ups only ever raise it)
+        if self._blk_start == 0:
+            self._blk_start = now
+        t = now - self._blk_start
+        h = self._blk_half
+        if t < FLL_BLOCK_NS // 2:
+            h[0] = min(h[0], o)
+            h[1] += m
+            h[2] += 1.0
+        else:
+            h[3] = min(h[3], o)
+            h[4] += m
+            h[5] += 1.0
+        if abs(err) > DEAD_BAND_NS:
+            self._blk_out = True
+        if t < FLL_BLOCK_NS:
+            return
+        ok = h[2] > 0 and h[5] > 0
+        slope = (h[3] - h[4] / h[5] - h[0] + h[1] / h[2]) / (FLL_BLOCK_NS / 2) if ok else 0.0
+        out, self._blk_out = self._blk_out and ok, False
+        self._blk_start = now
+        h[0] = h[3] = math.inf
+        h[1] = h[2] = h[4] = h[5] = 0.0
+        self._fll_blocks += 1
+        if self._fll_blocks < 2 or not out:
+            return  # the first block sees m settle; while B stays in the dead band, nothing needs fixing
+        self._fll_n += 1
+        gain = max(FLL_MIN_GAIN, 1.0 / self._fll_n)
+        drift = max(-MAX_RATIO_DEV, min(MAX_RATIO_DEV, self._drift + gain * slope))
+        # Pivot the sender's schedule at the playout position to the new clock rate, re-evaluate m on it,
+        # and carry B's resulting step into u (it is not a trend).
+        nxt = self.jb.next_seq
+        self._sched_t += (nxt - self._sched_k) * self._period
+        self._sched_k = nxt
+        self._period = self._T / (1.0 + drift)
+        self._drift = drift
+        m = self._floor.value
+        self._floor.rebuild(self._sched_t, nxt, self._period)
+        self._u_acc += self._floor.value - m
+        self.stats.drift_ppm = drift * 1e6

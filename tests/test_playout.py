@@ -1,0 +1,604 @@
+"""StreamPlayout on a simulated clock: one named test per network pathology, tag and trace.
+
+The harness encodes real Opus packets once, frame k carrying a tone whose frequency tags it
+(``TAG_HZ[k % 16]``). A simulated ``Sender`` captures packet k at k*T on its own clock (optionally
+fast or slow by some ppm), a simulated network delays, reorders, duplicates, drops or stalls the
+packets (seeded RNG), and a ``Receiver`` advances a ManualClock through the events in time order: each
+packet is pushed at its arrival time and the sink pulls one 5 ms block every 5 ms. No threads, no
+sleeps: an hour of audio runs in seconds.
+
+Frame identity is traced with drift compensation off (the engine then hands out exact samples, so
+output chunk i is the i-th frame it produced); the latency and drift tests run it on, as it ships.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+import random
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from tiality_cli.clock import ManualClock
+from tiality_cli.codec import OpusEncoder
+from tiality_cli.config import AudioFormat, CodecConfig
+from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+MS = 1_000_000  # ns
+S = 1_000_000_000
+T0 = 10 * S  # the receiver's clock when the sender captures packet 0
+BLOCK_MS = 5  # the sink's period (a WAV sink's block)
+WALL = ManualClock().wall_offset_ns  # the ManualClock's wall clock is its monotonic one + this
+TAG_HZ = tuple(400 + 200 * i for i in range(16))  # whole cycles in any Opus frame of 5 ms or more
+STEREO_48K = AudioFormat()  # the field default: 48 kHz stereo, 20 ms frames
+MONO_16K = AudioFormat(16_000, 1, 20_000)
+CELT = CodecConfig()  # the default, restricted-lowdelay: CELT only, no in-band FEC possible
+EXACT = PlayoutConfig(drift_compensation=False)
+
+# A packet as the receiver sees it: (arrival time, 32-bit sequence number, capture wall time, payload).
+Arrival = tuple[int, int, int, bytes]
+
+
+# ---- the sender --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def tagged_payloads(fmt: AudioFormat, codec: CodecConfig = CELT) -> tuple[bytes, ...]:
+    """16 Opus packets, packet i a tone of TAG_HZ[i]; packet k of a stream is payloads[k % 16].
+
+    The encoder runs one cycle first, so that the decoder state at the cycle's seam is the one the
+    encoder had: the cycle repeats for an hour without a glitch.
+    """
+    enc = OpusEncoder(fmt, codec)
+    t = np.arange(fmt.frame_samples) / fmt.sample_rate
+    out = []
+    for i in range(32):
+        enc.input[:] = (0.3 * 32767 * np.sin(2 * np.pi * TAG_HZ[i % 16] * t)).astype(np.int16)[:, None]
+        out.append(enc.encode())
+    enc.close()
+    return tuple(out[16:])
+
+
+def tags(frames: Iterable[int]) -> list[int]:
+    """The tags the given frames carry."""
+    return [k % 16 for k in frames]
+
+
+@dataclass
+class Sender:
+    """Packet k is captured (and sent) at k*T on the sender's clock, which runs ``ppm`` fast against ours."""
+
+    fmt: AudioFormat = STEREO_48K
+    codec: CodecConfig = CELT
+    ppm: float = 0.0
+    seq0: int = 0  # the 32-bit sequence number of packet 0
+
+    def __post_init__(self) -> None:
+        self.payloads = tagged_payloads(self.fmt, self.codec)
+
+    def send_ns(self, k: int) -> int:
+        """When packet k leaves, on the receiver's clock."""
+        return T0 + round(k * self.fmt.frame_ns / (1.0 + self.ppm * 1e-6))
+
+    def packet(self, k: int, arrival_ns: int, payload: bytes | None = None) -> Arrival:
+        # Capture stamps are wall-clock (NTP-synced) times: it is the sample clock that drifts.
+        seq = (self.seq0 + k) & 0xFFFF_FFFF
+        return (
+            arrival_ns,
+            seq,
+            self.send_ns(k) + WALL,
+            self.payloads[k % 16] if payload is None else payload,
+        )
+
+
+# ---- the network -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Network:
+    """Per-packet one-way delay: ``base_ms`` plus jitter uniform in [0, ``jitter_ms``] (seeded)."""
+
+    base_ms: float = 5.0
+    jitter_ms: float = 2.0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def delay_ns(self) -> int:
+        return round((self.base_ms + self.rng.uniform(0.0, self.jitter_ms)) * MS)
+
+
+def transmit(
+    sender: Sender,
+    frames: Iterable[int],
+    net: Network | None = None,
+    *,
+    extra_ms: Callable[[int], float] | None = None,
+    copies_ms: Callable[[int], Sequence[float]] | None = None,
+    payload: Callable[[int], bytes | None] | None = None,
+) -> list[Arrival]:
+    """Sends ``frames`` through ``net``: ``extra_ms(k)`` delays packet k more, ``copies_ms(k)`` delivers
+    duplicates that many ms after it, ``payload(k)`` replaces its payload. Sorted by arrival (stable)."""
+    net = net or Network()
+    out: list[Arrival] = []
+    for k in frames:
+        t = sender.send_ns(k) + net.delay_ns() + round((extra_ms(k) if extra_ms else 0.0) * MS)
+        p = payload(k) if payload else None
+        out.append(sender.packet(k, t, p))
+        for dup in copies_ms(k) if copies_ms else ():
+            out.append(sender.packet(k, t + round(dup * MS), p))
+    out.sort(key=lambda a: a[0])
+    return out
+
+
+def stream(sender: Sender, frames: range, net: Network) -> Iterator[Arrival]:
+    """``transmit`` without extras, lazily (an hour is 180,000 packets): a heap holds the packets in
+    flight and releases each once no packet sent later can arrive before it."""
+    flight: list[Arrival] = []
+    for k in frames:
+        t = sender.send_ns(k)
+        heapq.heappush(flight, sender.packet(k, t + net.delay_ns()))
+        while flight[0][0] <= t + net.base_ms * MS:
+            yield heapq.heappop(flight)
+    while flight:
+        yield heapq.heappop(flight)
+
+
+def stall(arrivals: list[Arrival], start_s: float, stop_s: float) -> list[Arrival]:
+    """Nothing arrives in [start, stop): what would have is held and arrives at ``stop`` in one burst."""
+    a, b = T0 + round(start_s * S), T0 + round(stop_s * S)
+    held = [(max(t, b) if a <= t < b else t, seq, c, p) for t, seq, c, p in arrivals]
+    return sorted(held, key=lambda x: x[0])
+
+
+def inversions(arrivals: Sequence[Arrival]) -> int:
+    """Packets that arrived after a later-numbered one (seq distance < 2^31, so across the wrap too)."""
+    n, top = 0, arrivals[0][1]
+    for _, seq, _, _ in arrivals[1:]:
+        if (top - seq) % 2**32 < 2**31 and seq != top:
+            n += 1
+        else:
+            top = seq
+    return n
+
+
+# ---- the receiver ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """What the sink saw, one entry per pull (compact arrays: an hour is 720,000 pulls)."""
+
+    t_ns: array[int] = field(default_factory=lambda: array("q"))
+    buffer_ms: array[float] = field(default_factory=lambda: array("d"))
+    target_ms: array[float] = field(default_factory=lambda: array("d"))
+    drift_ppm: array[float] = field(default_factory=lambda: array("d"))
+    played: array[int] = field(default_factory=lambda: array("b"))  # pull() wrote stream audio
+
+    def select(self, start_s: float = -math.inf, stop_s: float = math.inf) -> npt.NDArray[np.bool_]:
+        """A mask of the pulls at stream time [start_s, stop_s)."""
+        t = (np.frombuffer(self.t_ns, dtype=np.int64) - T0) / S
+        return (t >= start_s) & (t < stop_s)
+
+    def buffer(self, start_s: float = -math.inf, stop_s: float = math.inf) -> F64:
+        return np.frombuffer(self.buffer_ms)[self.select(start_s, stop_s)]
+
+    def target(self, start_s: float = -math.inf, stop_s: float = math.inf) -> F64:
+        return np.frombuffer(self.target_ms)[self.select(start_s, stop_s)]
+
+    def error(self, start_s: float = -math.inf, stop_s: float = math.inf) -> F64:
+        """B - target (ms)."""
+        sel = self.select(start_s, stop_s)
+        return np.frombuffer(self.buffer_ms)[sel] - np.frombuffer(self.target_ms)[sel]
+
+    def drift(self, start_s: float = -math.inf, stop_s: float = math.inf) -> F64:
+        return np.frombuffer(self.drift_ppm)[self.select(start_s, stop_s)]
+
+    def first_at_or_above(self, target_ms: float, after_s: float) -> float:
+        """Stream time of the first pull after ``after_s`` whose target is >= ``target_ms``."""
+        sel = self.select(after_s) & (np.frombuffer(self.target_ms) >= target_ms)
+        return float((np.frombuffer(self.t_ns, dtype=np.int64)[sel][0] - T0) / S)
+
+
+class Receiver:
+    """A StreamPlayout on a ManualClock: each packet pushed at its arrival, a block pulled every 5 ms."""
+
+    def __init__(
+        self,
+        fmt: AudioFormat = STEREO_48K,
+        config: PlayoutConfig = EXACT,
+        *,
+        fec: bool = False,
+        record: bool = True,
+        wake_ms: float = 0.0,
+    ) -> None:
+        self.clock = ManualClock(start_ns=T0)
+        self.playout = StreamPlayout(fmt, fmt, config, self.clock, fec=fec)
+        self.fmt = fmt
+        self.block = np.zeros((fmt.sample_rate * BLOCK_MS // 1000, fmt.channels), dtype=np.float32)
+        self.next_pull = T0 + BLOCK_MS * MS // 2  # the sink's phase is unrelated to the sender's
+        self.record = record
+        self.wake_ms = wake_ms  # the sink's thread wakes up to this late (seeded); its period is exact
+        self._rng = random.Random(7)
+        self._late_ns = 0
+        self._arrivals: Iterator[Arrival] = iter(())
+        self._next: Arrival | None = None
+        self._end = False
+        self.first_arrival_ns = 0
+        self.first_audio_ns = 0
+        self.audio: list[F32] = []  # every block that carried stream audio
+        self.trace = Trace()
+
+    def send(self, arrivals: Iterable[Arrival], *, end: bool = True) -> Receiver:
+        """What the network will deliver; with ``end`` the sender closes the stream after the last one."""
+        self._arrivals = iter(arrivals)
+        self._next = next(self._arrivals, None)
+        self._end = end
+        return self
+
+    def run(self, until_s: float) -> Receiver:
+        """Runs the clock to stream time ``until_s``: pushes packets as they arrive, pulls every 5 ms."""
+        pb, clock, tr = self.playout, self.clock, self.trace
+        until = T0 + round(until_s * S)
+        while self.next_pull < until:
+            wake = self.next_pull + self._late_ns
+            nxt = self._next
+            if nxt is not None and nxt[0] <= wake:
+                clock.now_ns = max(clock.now_ns, nxt[0])
+                pb.push(nxt[1], nxt[2], nxt[3])
+                self.first_arrival_ns = self.first_arrival_ns or clock.now_ns
+                self._next = next(self._arrivals, None)
+                if self._next is None and self._end:
+                    pb.end()
+                continue
+            clock.now_ns = wake
+            played = pb.pull(self.block)
+            if played:
+                self.first_audio_ns = self.first_audio_ns or wake
+                if self.record:
+                    self.audio.append(self.block.copy())
+            tr.t_ns.append(self.next_pull)
+            tr.buffer_ms.append(pb.buffer_ns / MS)
+            tr.target_ms.append(pb.target_ns / MS)
+            tr.drift_ppm.append(pb.stats.drift_ppm)
+            tr.played.append(played)
+            self.next_pull += BLOCK_MS * MS
+            if self.wake_ms:
+                self._late_ns = round(self._rng.uniform(0.0, self.wake_ms) * MS)
+        return self
+
+    def run_to_end(self, limit_s: float = 600.0) -> Receiver:
+        """Runs until the stream has finished (the test fails if it has not by ``limit_s``)."""
+        while self.playout.state != State.FINISHED:
+            assert (self.next_pull - T0) / S < limit_s, "the stream never finished"
+            self.run((self.next_pull - T0) / S + 1.0)
+        return self
+
+    def output(self) -> F32:
+        """The stream audio handed to the sink, from its first sample."""
+        return np.concatenate(self.audio) if self.audio else np.zeros((0, self.fmt.channels), np.float32)
+
+    def played_tags(self) -> list[int]:
+        """The tag of each frame handed out, in order (exact-samples mode: output chunk i is frame i)."""
+        n, x = self.fmt.frame_samples, self.output()
+        return [identify(x[i * n : (i + 1) * n], self.fmt.sample_rate) for i in range(len(x) // n)]
+
+
+def identify(chunk: F32, rate: int) -> int:
+    """The tag whose tone dominates a frame of output (-1 for silence)."""
+    x = chunk.mean(axis=1).astype(np.float64)[len(chunk) // 4 :]  # past the codec delay and overlap
+    if float(np.sqrt(np.mean(x**2))) < 1e-3:
+        return -1
+    hz = float(np.argmax(np.abs(np.fft.rfft(x * np.hanning(len(x)), n=rate // 10)))) * 10.0  # 10 Hz bins
+    return int(np.argmin([abs(hz - f) for f in TAG_HZ]))
+
+
+def mismatches(played: Sequence[int], expected: Sequence[int]) -> list[int]:
+    """Positions where the played frames' tags differ from the expected ones."""
+    assert len(played) >= len(expected)
+    return [i for i, (p, e) in enumerate(zip(played, expected, strict=False)) if p != e]
+
+
+# ---- one test per pathology ---------------------------------------------------------------------------
+
+
+def test_clean_stream_plays_every_frame_once_in_order() -> None:
+    rx = Receiver().send(transmit(Sender(), range(250))).run_to_end()
+    st = rx.playout.stats
+    assert mismatches(rx.played_tags(), tags(range(250))) == []
+    assert (st.packets, st.frames_played, st.concealed, st.late, st.lost) == (250, 250, 0, 0, 0)
+    assert (st.duplicates, st.skipped, st.inserted, st.corrupt, st.resyncs) == (0, 0, 0, 0, 0)
+
+
+def test_reordered_packets_play_in_sequence() -> None:
+    # Every 7th packet is held back 30 ms, behind the next one (20 ms later); the start target covers it.
+    arrivals = transmit(Sender(), range(300), extra_ms=lambda k: 30.0 if k % 7 == 3 else 0.0)
+    assert inversions(arrivals) == 43
+    rx = Receiver(config=PlayoutConfig(drift_compensation=False, start_latency_ms=40)).send(arrivals)
+    st = rx.run_to_end().playout.stats
+    assert mismatches(rx.played_tags(), tags(range(300))) == []
+    assert (st.frames_played, st.late, st.concealed, st.duplicates, st.lost) == (300, 0, 0, 0, 0)
+    assert rx.trace.target(1.0).min() > 30.0  # the target learnt the reordering delay
+
+
+def test_duplicates_are_dropped_and_counted() -> None:
+    # Every 5th packet comes twice 1 ms apart (before its turn), every 9th once more 150 ms later (after
+    # it has played; none so late at the end, where the stream would close after it).
+    def copies(k: int) -> list[float]:
+        return ([1.0] if k % 5 == 0 else []) + ([150.0] if k % 9 == 0 and k < 290 else [])
+
+    rx = Receiver().send(transmit(Sender(), range(300), copies_ms=copies))
+    st = rx.run_to_end().playout.stats
+    assert st.duplicates == 60 + 33
+    assert (st.packets, st.late, st.lost, st.concealed, st.frames_played) == (393, 0, 0, 0, 300)
+    assert mismatches(rx.played_tags(), tags(range(300))) == []
+
+
+def test_sequence_numbers_wrap_at_2_32() -> None:
+    # Packet 150 is numbered 0; 149 (numbered 2^32 - 1) is held back behind it, within the 40 ms buffer.
+    sender = Sender(seq0=2**32 - 150)
+    arrivals = transmit(sender, range(300), extra_ms=lambda k: 30.0 if k == 149 else 0.0)
+    assert [a[1] for a in arrivals[148:152]] == [2**32 - 2, 0, 2**32 - 1, 1]
+    rx = Receiver(config=PlayoutConfig(latency_ms=40, drift_compensation=False)).send(arrivals)
+    st = rx.run_to_end().playout.stats
+    assert mismatches(rx.played_tags(), tags(range(300))) == []
+    assert (st.frames_played, st.late, st.lost, st.concealed, st.resyncs) == (300, 0, 0, 0, 0)
+
+
+def test_late_packets_are_dropped_counted_and_concealed() -> None:
+    # 30 ms of buffer; packets 50, 51 and 120 come 100 ms late, and 120's late copy comes twice.
+    late = {50, 51, 120}
+    arrivals = transmit(
+        Sender(),
+        range(200),
+        extra_ms=lambda k: 100.0 if k in late else 0.0,
+        copies_ms=lambda k: [5.0] if k == 120 else [],
+    )
+    rx = Receiver(config=PlayoutConfig(latency_ms=30, drift_compensation=False)).send(arrivals)
+    st = rx.run_to_end().playout.stats
+    assert (st.late, st.duplicates, st.concealed, st.lost, st.frames_played) == (3, 1, 3, 0, 200)
+    assert mismatches(rx.played_tags(), tags(range(200))) == sorted(late)  # concealment at their turns
+
+
+def test_loss_bursts_are_concealed_counted_and_the_output_stays_continuous() -> None:
+    lost = set(range(40, 50)) | {90, 91, 92}  # 200 ms, then 60 ms
+    rx = Receiver().send(transmit(Sender(), (k for k in range(200) if k not in lost)))
+    st = rx.run_to_end().playout.stats
+    assert (st.concealed, st.lost, st.late, st.frames_played, st.inserted) == (13, 13, 0, 200, 0)
+    # One block per pull from the first frame to the last, and the frames after a gap stay in place.
+    played = np.frombuffer(rx.trace.played, dtype=np.int8)
+    first = int(np.argmax(played))
+    assert played[first : first + 200 * 4].all()
+    assert len(rx.output()) == 200 * STEREO_48K.frame_samples
+    assert mismatches(rx.played_tags(), tags(range(200))) == sorted(lost)
+
+
+@pytest.mark.parametrize("jump", [1_000_000, -1_100], ids=["forward", "backward"])
+def test_large_sequence_jump_resynchronises(jump: int) -> None:
+    # The sender's sequence jumps at packet 100 (restarted from 0 when backward); capture times go on.
+    sender = Sender(seq0=1_000)
+    arrivals = transmit(sender, range(200))
+    arrivals = [
+        (t, (seq + jump if i >= 100 else seq) & 0xFFFF_FFFF, c, p)
+        for i, (t, seq, c, p) in enumerate(arrivals)
+    ]
+    rx = Receiver().send(arrivals)
+    st = rx.run_to_end().playout.stats
+    # Playout restarts at the new number: every frame plays once, in order, none counted late or lost
+    # (without the resynchronisation, every packet after a backward jump would be late).
+    assert st.resyncs == 1
+    assert (st.late, st.lost, st.concealed, st.skipped, st.inserted, st.frames_played) == (0, 0, 0, 0, 0, 200)
+    assert mismatches(rx.played_tags(), tags(range(200))) == []
+
+
+def test_stall_then_burst_drops_the_stale_audio_and_keeps_latency() -> None:
+    # 10 s at 48 kHz stereo, drift compensation on; nothing arrives from 3 s to 5 s, then all at once.
+    arrivals = stall(transmit(Sender(), range(500), Network(jitter_ms=4.0)), 3.0, 5.0)
+    rx = Receiver(config=PlayoutConfig(), record=False).send(arrivals)
+    st = rx.playout.stats
+    rx.run(3.0)
+    latency_before = st.latency_ms.max()
+    target_before = rx.trace.target(1.0, 3.0).max()
+    st.latency_ms.clear()
+    rx.run(6.0)
+    st.latency_ms.clear()
+    rx.run(9.8)
+    # The 100 frames of the stall were concealed at their turns; their packets came late and were
+    # dropped (not lost: they came); no frame was skipped or inserted, nothing had to be caught up.
+    assert (st.concealed, st.late, st.lost, st.skipped, st.inserted) == (100, 100, 0, 0, 0)
+    # The burst was not taken for jitter: the target did not rise. B did not move either.
+    assert rx.trace.target(3.0).max() <= target_before + 0.5
+    assert np.abs(rx.trace.error(1.0)).max() < 0.5
+    assert np.abs(np.diff(rx.trace.buffer(4.9, 5.5))).max() < 0.1
+    # A second after the burst, capture-to-sink latency is what it was before the stall.
+    assert len(st.latency_ms) > 100
+    assert st.latency_ms.max() <= latency_before + 0.5
+
+
+def _jittery(rng: random.Random, schedule: Callable[[float], float]) -> Callable[[int], float]:
+    """Extra delay for packet k: uniform in [0, schedule(stream time of k)] ms."""
+    return lambda k: rng.uniform(0.0, schedule(k * STEREO_48K.frame_ms / 1000))
+
+
+def test_target_rises_quickly_when_jitter_rises() -> None:
+    # 10 s of 0-4 ms jitter, then 0-40 ms.
+    extra = _jittery(random.Random(3), lambda t: 40.0 if t >= 10.0 else 4.0)
+    arrivals = transmit(Sender(), range(1000), Network(jitter_ms=0.0), extra_ms=extra)
+    rx = Receiver(config=PlayoutConfig(), record=False).send(arrivals).run(10.0)
+    st = rx.playout.stats
+    # 4 ms of jitter + 3 ms margin + a sink block (the resampler slides frames across the blocks).
+    assert rx.trace.target(5.0, 10.0).min() > 11.5 and rx.trace.target(5.0, 10.0).max() < 12.5
+    rx.run(11.5)
+    # Within half a second the target covers the new jitter's bulk, all of it within 1.5 s (as soon as
+    # 0.5 % of the window, 3 packets, have shown it); B follows at once, inserting frames.
+    assert rx.trace.first_at_or_above(40.0, 10.0) < 10.5
+    assert rx.trace.first_at_or_above(45.0, 10.0) < 11.5
+    assert st.inserted == 2
+    assert st.late == 15  # the packets that came before the target had risen
+    rx.run(19.8)
+    assert st.late == 15  # and none after
+    assert (st.inserted, st.skipped) == (2, 0)
+    assert rx.trace.target(12.0).max() < 48.0 + 0.5  # 40 ms of jitter + 3 ms margin + a block
+    err = rx.trace.error(12.0)
+    assert err.min() > -2.5 and err.max() < 6.0  # the last insert overshot a little
+
+
+def test_target_falls_slowly_and_never_exceeds_max_latency() -> None:
+    # 10 s of 0-300 ms jitter (beyond --max-latency 200), then 0-4 ms for 80 s.
+    extra = _jittery(random.Random(4), lambda t: 300.0 if t < 10.0 else 4.0)
+    arrivals = transmit(Sender(), range(4500), Network(jitter_ms=0.0), extra_ms=extra)
+    rx = Receiver(config=PlayoutConfig(), record=False).send(arrivals).run(89.8)
+    st, tr = rx.playout.stats, rx.trace
+    assert tr.target().max() == 200.0  # reached, and capped
+    assert tr.buffer(1.0).max() < 200.0 + 25.0  # B at most the cap + the skip threshold (a frame + 5 ms)
+    assert st.inserted == 9  # B rose with the target, a frame at a time
+    # Once the jitter has calmed down the target holds while the 10 s window remembers it, then falls by
+    # at most 5 ms per second (25 us per 5 ms pull), to the quiet link's 4 ms of jitter + 3 ms margin +
+    # a sink block.
+    assert tr.target(10.0, 15.0).min() == 200.0
+    assert np.diff(tr.target(10.0)).min() >= -5.0 * BLOCK_MS / 1000 - 1e-9
+    assert tr.target(25.0, 25.1).min() > 150.0
+    assert tr.target(60.0).min() > 11.5 and tr.target(60.0).max() < 12.5
+    # B follows it down, by resampling (at most 2 ms/s) and by skipping a frame whenever it is a frame
+    # and 5 ms over; then it settles into the dead band (the phase term's time constant is 10 s).
+    falling = tr.error(20.0, 55.0)
+    assert falling.min() > 0.0 and falling.max() < 20.0 + 5.0 + 2.0
+    assert st.skipped == 6
+    assert np.abs(tr.error(85.0)).max() < 2.5
+
+
+def test_fixed_latency_mode_holds_its_target() -> None:
+    arrivals = transmit(Sender(), range(2000), Network(jitter_ms=20.0))
+    rx = Receiver(config=PlayoutConfig(latency_ms=40), record=False).send(arrivals).run_to_end()
+    st = rx.playout.stats
+    assert set(rx.trace.target()) == {40.0}
+    # The first frame plays at the first pull once its packet has waited 40 ms.
+    assert 40 * MS <= rx.first_audio_ns - rx.first_arrival_ns < 45 * MS
+    # B starts above the target by the first packet's own jitter (here 7 ms: B counts from the earliest
+    # arrival, which takes a few packets to see), then the phase term brings it to the 2 ms dead band
+    # gently (100 ppm per ms beyond it: inaudible, and the waveform barely slides).
+    err = rx.trace.error(0.1)
+    assert np.abs(err).max() < 7.0
+    assert np.abs(rx.trace.error(30.0, 39.9)).max() < 3.0
+    assert (st.late, st.concealed, st.skipped, st.inserted, st.frames_played) == (0, 0, 0, 0, 2000)
+
+
+FEC_16K = CodecConfig(application="voip", bitrate=32_000, inband_fec=True, packet_loss_perc=20)
+
+
+@pytest.mark.parametrize(
+    ("codec", "fec", "recovered"),
+    [(FEC_16K, True, True), (FEC_16K, False, False), (CELT, True, False)],
+    ids=["fec", "fec-off", "celt-has-none"],
+)
+def test_fec_rebuilds_a_lost_frame_from_the_next_packet(
+    codec: CodecConfig, fec: bool, recovered: bool
+) -> None:
+    sender = Sender(MONO_16K, codec)
+    rx = Receiver(MONO_16K, PlayoutConfig(drift_compensation=False), fec=fec)
+    st = rx.send(transmit(sender, (k for k in range(100) if k != 40))).run_to_end().playout.stats
+    assert (st.lost, st.frames_played, st.late) == (1, 100, 0)
+    # With FEC the rebuilt frame carries frame 40's own tone; concealment only carries 39's on.
+    assert (st.fec_recovered, st.concealed) == ((1, 0) if recovered else (0, 1))
+    assert mismatches(rx.played_tags(), tags(range(100))) == ([] if recovered else [40])
+    if fec and recovered:
+        assert rx.trace.target(1.0).min() > 20.0  # an auto target holds the next packet: a frame more
+
+
+def test_corrupt_payloads_are_concealed_and_counted() -> None:
+    bad = {
+        30: b"",  # libopus would conceal 120 ms for it, silently
+        31: b"\xff",  # code 3 without its frame count
+        60: b"\x0b\x00",  # a frame length beyond the packet
+        90: tagged_payloads(AudioFormat(48_000, 2, 10_000))[0],  # valid Opus, but 10 ms, not 20
+    }
+    rx = Receiver().send(transmit(Sender(), range(150), payload=bad.get))
+    st = rx.run_to_end().playout.stats
+    assert (st.corrupt, st.concealed, st.lost, st.late, st.frames_played) == (4, 4, 0, 0, 150)
+    assert mismatches(rx.played_tags(), tags(range(150))) == sorted(bad)
+
+
+@pytest.mark.parametrize("drift_compensation", [False, True], ids=["exact", "resampled"])
+def test_end_of_stream_drains_and_finishes(drift_compensation: bool) -> None:
+    rx = Receiver(config=PlayoutConfig(drift_compensation=drift_compensation))
+    rx.send(transmit(Sender(), range(137))).run_to_end()
+    pb = rx.playout
+    assert pb.state == State.FINISHED and pb.finished.is_set()
+    assert (pb.stats.frames_played, pb.stats.lost, pb.stats.concealed) == (137, 0, 0)
+    n = 137 * STEREO_48K.frame_samples
+    out = rx.output()
+    if drift_compensation:  # the resampler keeps its filter's few samples when the input ends
+        assert n - 64 <= len(out) <= n + len(rx.block)
+    else:
+        assert len(out) == n
+        assert mismatches(rx.played_tags(), tags(range(137))) == []
+    # Finished streams hand out silence and say so.
+    block = np.ones_like(rx.block)
+    assert pb.pull(block) is False and not block.any()
+
+
+def test_end_before_any_packet_finishes_at_once() -> None:
+    rx = Receiver().send([], end=False)
+    rx.playout.end()
+    rx.run(0.01)
+    assert rx.playout.state == State.FINISHED and rx.playout.stats.frames_played == 0
+
+
+# ---- clock drift ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ppm", [500.0, -500.0], ids=["fast", "slow"])
+def test_sender_clock_drift_over_an_hour(ppm: float) -> None:
+    """An hour at +-500 ppm: B stays on target, no frame is lost, the drift estimate is the truth.
+
+    16 kHz mono: an hour is 720,000 pulls, and the engine's timing does not depend on the rate, but
+    decoding and resampling at 16 kHz mono cost a sixth of 48 kHz stereo (the test runs in ~15 s).
+    The sink wakes up to 1 ms late at each pull (a real thread's scheduling), which is B's noise.
+    """
+    sender = Sender(MONO_16K, ppm=ppm)
+    frames = range(round(3600 * S * (1 + ppm * 1e-6) / MONO_16K.frame_ns))
+    rx = Receiver(MONO_16K, PlayoutConfig(), record=False, wake_ms=1.0)
+    rx.send(stream(sender, frames, Network(jitter_ms=4.0))).run(3599.0)
+    st, tr = rx.playout.stats, rx.trace
+    assert (st.late, st.concealed, st.lost, st.skipped, st.inserted) == (0, 0, 0, 0, 0)
+    # B: within 5 ms of the target from the start, then within the loop's 2 ms dead band (+ the sink's
+    # 1 ms of wake-up noise). The target: the link's 4 ms of jitter + 3 ms margin + a 5 ms sink block.
+    assert np.abs(tr.error(1.0)).max() < 5.0
+    assert np.abs(tr.error(60.0)).max() < 3.0
+    assert tr.target(60.0).min() > 11.5 and tr.target(60.0).max() < 12.5
+    # The drift estimate: within 20 ppm of the truth after a minute, and over the last half hour within
+    # 2 ppm on average and 8 ppm at worst. It only moves when B leaves the dead band (otherwise the
+    # timeline is left exact), so it is as good as it needs to be for B to stay inside the band: an
+    # error of 8 ppm moves B by 8 us per second, 4 minutes to cross the band, and is 0.014 cents of pitch.
+    assert np.abs(tr.drift(60.0) - ppm).max() < 20.0
+    assert abs(float(tr.drift(1800.0).mean()) - ppm) < 2.0
+    assert np.abs(tr.drift(1800.0) - ppm).max() < 8.0
+
+
+@pytest.mark.slow
+def test_sender_300_ppm_fast_for_ten_minutes() -> None:
+    """The field default (48 kHz stereo, 20 ms): after the first second no frame is concealed and B
+    stays within 10 ms of its target (within 6 ms as the start settles, the dead band after a minute)."""
+    sender = Sender(ppm=300.0)
+    frames = range(round(600 * S * (1 + 300e-6) / STEREO_48K.frame_ns))
+    rx = Receiver(config=PlayoutConfig(), record=False, wake_ms=1.0)
+    rx.send(stream(sender, frames, Network(jitter_ms=4.0))).run(1.0)
+    st = rx.playout.stats
+    concealed_at_1s = st.concealed
+    rx.run(599.0)
+    assert st.concealed == concealed_at_1s == 0
+    assert (st.late, st.lost, st.skipped, st.inserted) == (0, 0, 0, 0)
+    assert np.abs(rx.trace.error(1.0)).max() < 10.0
+    assert np.abs(rx.trace.error(60.0)).max() < 3.0
+    assert np.abs(rx.trace.drift(60.0) - 300.0).max() < 20.0
