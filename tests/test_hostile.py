@@ -6,12 +6,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from helpers.proxy import FaultProxy
+from helpers.waiting import wait_until
 from tiality_cli._proto import tiality_pb2 as pb
 from tiality_cli._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.codec import OpusEncoder
@@ -24,14 +25,6 @@ from tiality_cli.sources import open_source
 from tiality_cli.transport import map_rpc_error
 
 FMT = AudioFormat()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers.proxy import FaultProxy
+from helpers.waiting import wait_until
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig, SendResult
 from tiality_cli.sinks import NullSink
 from tiality_cli.sources import open_source
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

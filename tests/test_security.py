@@ -8,11 +8,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from helpers.waiting import wait_until
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.errors import RejectedError
 from tiality_cli.receiver import Receiver, ReceiverConfig
@@ -23,14 +23,6 @@ from tiality_cli.sources import open_source
 TIALITY = [sys.executable, "-m", "tiality_cli"]
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
 SECRET = "s3cret-robot-token"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def start_recv(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
