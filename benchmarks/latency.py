@@ -471,7 +471,9 @@ class Row:
 
     @staticmethod
     def _median_of(runs: list[RunResult], what: Callable[[RunResult], float]) -> float:
-        return float(np.median([what(r) for r in runs]))
+        # A run in which no click came out (a device that never started) has no latency to count.
+        values = [v for v in (what(r) for r in runs) if not np.isnan(v)]
+        return float(np.median(values)) if values else float("nan")
 
     @property
     def e2e_median(self) -> float:

@@ -221,6 +221,7 @@ class Receiver:
         fec: bool = False,
         record: bool = True,
         wake_ms: float = 0.0,
+        sink_stall: tuple[float, float] | None = None,
     ) -> None:
         self.clock = ManualClock(start_ns=T0)
         self.playout = StreamPlayout(fmt, fmt, config, self.clock, fec=fec)
@@ -229,6 +230,9 @@ class Receiver:
         self.next_pull = T0 + BLOCK_MS * MS // 2  # the sink's phase is unrelated to the sender's
         self.record = record
         self.wake_ms = wake_ms  # the sink's thread wakes up to this late (seeded); its period is exact
+        # (start, stop) in stream seconds: the sink's thread stalls, then catches up with pulls in a row
+        # (20 us apart), as a paced file or null sink does.
+        self.stall_ns = (T0 + round(sink_stall[0] * S), T0 + round(sink_stall[1] * S)) if sink_stall else None
         self._rng = random.Random(7)
         self._late_ns = 0
         self._arrivals: Iterator[Arrival] = iter(())
@@ -252,6 +256,8 @@ class Receiver:
         until = T0 + round(until_s * S)
         while self.next_pull < until:
             wake = self.next_pull + self._late_ns
+            if self.stall_ns and self.stall_ns[0] <= wake < self.stall_ns[1]:
+                wake = max(self.stall_ns[1], clock.now_ns + 20_000)
             nxt = self._next
             if nxt is not None and nxt[0] <= wake:
                 clock.now_ns = max(clock.now_ns, nxt[0])
@@ -416,6 +422,7 @@ def test_stall_then_burst_drops_the_stale_audio_and_keeps_latency() -> None:
     # The 100 frames of the stall were concealed at their turns; their packets came late and were
     # dropped (not lost: they came); no frame was skipped or inserted, nothing had to be caught up.
     assert (st.concealed, st.late, st.lost, st.skipped, st.inserted) == (100, 100, 0, 0, 0)
+    assert st.resyncs == 0  # the burst's packets are behind the playout position, but not a restart
     # The burst was not taken for jitter: the target did not rise. B did not move either.
     assert rx.trace.target(3.0).max() <= target_before + 0.5
     assert np.abs(rx.trace.error(1.0)).max() < 0.5
@@ -423,6 +430,20 @@ def test_stall_then_burst_drops_the_stale_audio_and_keeps_latency() -> None:
     # A second after the burst, capture-to-sink latency is what it was before the stall.
     assert len(st.latency_ms) > 100
     assert st.latency_ms.max() <= latency_before + 0.5
+
+
+@pytest.mark.parametrize("drift_compensation", [False, True], ids=["exact", "resampled"])
+def test_sink_stall_and_catch_up_drop_nothing(drift_compensation: bool) -> None:
+    # The receiver's own sink thread stalls for 300 ms at 4 s (a busy machine), then catches up with 60
+    # pulls in a row. Its clock reading is 300 ms late at first, but its sample clock is not: nothing
+    # is skipped (then inserted back) to chase a latency that the catch-up itself takes away.
+    config = PlayoutConfig(drift_compensation=drift_compensation)
+    rx = Receiver(config=config, sink_stall=(4.0, 4.3))
+    st = rx.send(transmit(Sender(), range(500), Network(jitter_ms=4.0))).run_to_end().playout.stats
+    assert (st.skipped, st.inserted, st.late, st.concealed, st.frames_played) == (0, 0, 0, 0, 500)
+    assert np.abs(np.diff(rx.trace.buffer(3.9, 4.5))).max() < 0.1  # B never saw the stall
+    if not drift_compensation:
+        assert mismatches(rx.played_tags(), tags(range(500))) == []
 
 
 def _jittery(rng: random.Random, schedule: Callable[[float], float]) -> Callable[[int], float]:
@@ -477,6 +498,32 @@ def test_target_falls_slowly_and_never_exceeds_max_latency() -> None:
     assert np.abs(tr.error(85.0)).max() < 2.5
 
 
+@pytest.mark.parametrize(("frame_us", "inserts"), [(2_500, 9), (60_000, 1)], ids=["2.5ms", "60ms"])
+def test_skip_and_insert_thresholds_suit_small_and_large_frames(frame_us: int, inserts: int) -> None:
+    # 15 s of 0-4 ms jitter, then 10 s of 0-30 ms; 16 kHz mono.
+    fmt = AudioFormat(16_000, 1, frame_us)
+    rng = random.Random(5)
+
+    def extra(k: int) -> float:
+        return rng.uniform(0.0, 30.0 if k * fmt.frame_ms / 1000 >= 15.0 else 4.0)
+
+    arrivals = transmit(
+        Sender(fmt), range(round(25 * S / fmt.frame_ns)), Network(jitter_ms=0.0), extra_ms=extra
+    )
+    rx = Receiver(fmt, PlayoutConfig(), record=False).send(arrivals).run(15.0)
+    st = rx.playout.stats
+    # Mere jitter never skips or inserts, be the frames 2.5 ms (the thresholds are 5 ms at least) or
+    # 60 ms (a frame + 5 ms over, a quarter frame short).
+    assert (st.skipped, st.inserted, st.late) == (0, 0, 0)
+    assert np.abs(rx.trace.error(2.0)).max() < 2.0
+    rx.run(24.9)
+    # When the target jumps by 25 ms, B follows by inserting frames, and no skip undoes them: after an
+    # insert, B stays short of the skip threshold (a frame + 5 ms over).
+    assert (st.skipped, st.inserted) == (0, inserts)
+    err = rx.trace.error(17.0)
+    assert err.min() > -max(5.0, fmt.frame_ms / 4) and err.max() < fmt.frame_ms + 5.0
+
+
 def test_fixed_latency_mode_holds_its_target() -> None:
     arrivals = transmit(Sender(), range(2000), Network(jitter_ms=20.0))
     rx = Receiver(config=PlayoutConfig(latency_ms=40), record=False).send(arrivals).run_to_end()
@@ -487,8 +534,7 @@ def test_fixed_latency_mode_holds_its_target() -> None:
     # B starts above the target by the first packet's own jitter (here 7 ms: B counts from the earliest
     # arrival, which takes a few packets to see), then the phase term brings it to the 2 ms dead band
     # gently (100 ppm per ms beyond it: inaudible, and the waveform barely slides).
-    err = rx.trace.error(0.1)
-    assert np.abs(err).max() < 7.0
+    assert np.abs(rx.trace.error(0.1)).max() < 7.0
     assert np.abs(rx.trace.error(30.0, 39.9)).max() < 3.0
     assert (st.late, st.concealed, st.skipped, st.inserted, st.frames_played) == (0, 0, 0, 0, 2000)
 
@@ -563,7 +609,7 @@ def test_sender_clock_drift_over_an_hour(ppm: float) -> None:
     """An hour at +-500 ppm: B stays on target, no frame is lost, the drift estimate is the truth.
 
     16 kHz mono: an hour is 720,000 pulls, and the engine's timing does not depend on the rate, but
-    decoding and resampling at 16 kHz mono cost a sixth of 48 kHz stereo (the test runs in ~15 s).
+    decoding and resampling at 16 kHz mono cost a sixth of 48 kHz stereo (the test runs in ~20 s).
     The sink wakes up to 1 ms late at each pull (a real thread's scheduling), which is B's noise.
     """
     sender = Sender(MONO_16K, ppm=ppm)
@@ -572,24 +618,25 @@ def test_sender_clock_drift_over_an_hour(ppm: float) -> None:
     rx.send(stream(sender, frames, Network(jitter_ms=4.0))).run(3599.0)
     st, tr = rx.playout.stats, rx.trace
     assert (st.late, st.concealed, st.lost, st.skipped, st.inserted) == (0, 0, 0, 0, 0)
-    # B: within 5 ms of the target from the start, then within the loop's 2 ms dead band (+ the sink's
-    # 1 ms of wake-up noise). The target: the link's 4 ms of jitter + 3 ms margin + a 5 ms sink block.
-    assert np.abs(tr.error(1.0)).max() < 5.0
-    assert np.abs(tr.error(60.0)).max() < 3.0
+    # B: within 5 ms of the target from the start, then within 3 ms: the loop's 2 ms dead band, which
+    # the phase term enforces from outside. The target: 4 ms of jitter + 3 ms margin + a 5 ms sink block.
+    assert np.abs(tr.error(1.0)).max() < 5.0  # measured: 2.5 and 3.5
+    assert np.abs(tr.error(60.0)).max() < 3.0  # measured: 2.3
     assert tr.target(60.0).min() > 11.5 and tr.target(60.0).max() < 12.5
-    # The drift estimate: within 20 ppm of the truth after a minute, and over the last half hour within
-    # 2 ppm on average and 8 ppm at worst. It only moves when B leaves the dead band (otherwise the
-    # timeline is left exact), so it is as good as it needs to be for B to stay inside the band: an
-    # error of 8 ppm moves B by 8 us per second, 4 minutes to cross the band, and is 0.014 cents of pitch.
-    assert np.abs(tr.drift(60.0) - ppm).max() < 20.0
+    # The drift estimate: within 25 ppm of the truth after a minute (measured: 19 and 4), and over the
+    # last half hour within 2 ppm on average and 5 ppm at worst (measured: 2.5 and 1.4). It only moves
+    # when B leaves the dead band (otherwise the timeline is left exact), so it is as good as B needs
+    # to stay inside the band: an error of 5 ppm moves B by 5 us per second (the 4 ms band takes 13
+    # minutes to cross) and is 0.01 cents of pitch; 25 ppm, 2.7 minutes and 0.04 cents.
+    assert np.abs(tr.drift(60.0) - ppm).max() < 25.0
     assert abs(float(tr.drift(1800.0).mean()) - ppm) < 2.0
-    assert np.abs(tr.drift(1800.0) - ppm).max() < 8.0
+    assert np.abs(tr.drift(1800.0) - ppm).max() < 5.0
 
 
 @pytest.mark.slow
 def test_sender_300_ppm_fast_for_ten_minutes() -> None:
     """The field default (48 kHz stereo, 20 ms): after the first second no frame is concealed and B
-    stays within 10 ms of its target (within 6 ms as the start settles, the dead band after a minute)."""
+    stays within 10 ms of its target; in fact within 3 ms (the dead band, enforced from outside)."""
     sender = Sender(ppm=300.0)
     frames = range(round(600 * S * (1 + 300e-6) / STEREO_48K.frame_ns))
     rx = Receiver(config=PlayoutConfig(), record=False, wake_ms=1.0)
@@ -599,6 +646,5 @@ def test_sender_300_ppm_fast_for_ten_minutes() -> None:
     rx.run(599.0)
     assert st.concealed == concealed_at_1s == 0
     assert (st.late, st.lost, st.skipped, st.inserted) == (0, 0, 0, 0)
-    assert np.abs(rx.trace.error(1.0)).max() < 10.0
-    assert np.abs(rx.trace.error(60.0)).max() < 3.0
-    assert np.abs(rx.trace.drift(60.0) - 300.0).max() < 20.0
+    assert np.abs(rx.trace.error(1.0)).max() < 3.0
+    assert np.abs(rx.trace.drift(60.0) - 300.0).max() < 10.0

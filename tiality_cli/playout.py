@@ -18,6 +18,8 @@ How latency is controlled (all figures in receiver time):
     to be in time. Without resampling, frames of whole blocks start blocks, and j_k <= B is in time;
     with it, the frames slide across the sink's block grid, so an auto target adds a block. (Measuring
     at the decode pull instead would make B jump by a block at each slide, and the loop chase it.)
+    Play times are read on the sink's own timeline, fitted from below to its pulls: a sink thread that
+    wakes up late, or stalls and catches up, does not make B look larger than it is.
   * The target for B is a high percentile of j over the window plus a margin (``--latency auto``), or a
     fixed value; it rises as soon as the percentile does and falls by at most ``shrink_ms_per_s``. A
     stall is not jitter: packets that arrive in one clump behind a delayed one (head-of-line blocking,
@@ -60,6 +62,7 @@ FLL_BLOCK_NS = 2_000_000_000  # the drift estimator compares the lowest B in the
 FLL_MIN_GAIN = 0.02  # its gain falls as 1/n to this floor: it averages, then tracks (a 100 s memory)
 FLOOR_WINDOW_S = 2.0  # m's window: enough packets to find the floor, and a route change's new one in 2 s
 MAX_RATIO_DEV = 0.002  # clamp on drift and on the P term: 0.2 % is 3.5 cents, inaudible
+SINK_WINDOW_S = 0.5  # how much of the sink's audio its timeline is fitted over (see _sink_time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +263,8 @@ class StreamPlayout:
         self._fll_blocks = 0  # blocks seen since the start or the last resync
         self._fll_n = 0  # slope measurements taken
         self._last_control_ns = 0
+        self._pulled = 0  # samples pulled since playout started (the sink's own clock)
+        self._sink_q: deque[tuple[int, float]] = deque()  # (pulled, now - pulled / rate), increasing
         self._skip_wanted = False
         self._skip_since_ns = 0
         self._insert_wanted = False
@@ -519,7 +524,8 @@ class StreamPlayout:
         # relative to its earliest possible arrival?
         nxt = self.jb.next_seq
         s_next = self._sched_t + (nxt - self._sched_k) * self._period
-        b = now + (self._fw - self._fr + n) * 1e9 / self._rate_out - s_next - self._floor.value
+        t = self._sink_time(now, n)
+        b = t + (self._fw - self._fr + n) * 1e9 / self._rate_out - s_next - self._floor.value
         self.buffer_ns = b
         err = b - self.target_ns
         st = self.stats
@@ -543,6 +549,26 @@ class StreamPlayout:
                 self._adj = max(-MAX_RATIO_DEV, min(MAX_RATIO_DEV, KP * e))
         if self._resampler is not None:
             self._track_drift(now, b, err, dt)
+
+    def _sink_time(self, now: int, n: int) -> float:
+        """When this pull was due on the sink's own timeline: the clock reading, less any lateness.
+
+        A sink thread may wake up late, or stall and then catch up with pulls in a row (a paced file or
+        null sink does): ``now`` is then later than the sink's sample clock says, and B, measured from it,
+        too large by as much, which would skip frames the catch-up is about to consume anyway. So the
+        timeline is fitted from below: now - (samples pulled before) / rate is the sink's offset plus its
+        lateness, and its minimum over the last SINK_WINDOW_S of pulled audio is the offset. A device that
+        really slipped (an ALSA xrun, restarted later) shows its new offset once that window has passed.
+        """
+        pulled, q = self._pulled, self._sink_q
+        x = now - pulled * 1e9 / self._rate_out
+        while q and q[-1][1] >= x:
+            q.pop()
+        q.append((pulled, x))
+        while q[0][0] < pulled - SINK_WINDOW_S * self._rate_out:
+            q.popleft()
+        self._pulled = pulled + n
+        return pulled * 1e9 / self._rate_out + q[0][1]
 
     def _track_drift(self, now: int, b: float, err: float, dt: float) -> None:
         """Frequency-locked loop: estimates the sender's clock rate from B's trend, steering aside.
