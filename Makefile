@@ -37,9 +37,9 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
-# Regenerates tiality_cli/_proto from proto/*.proto (checked by tests/test_proto_current.py).
+# Regenerates tiality_cli/net/_proto from proto/*.proto (checked by tests/test_proto_current.py).
 proto: $(STAMP)
-	$(BIN)/python -m tiality_cli._proto.generate
+	$(BIN)/python -m tiality_cli.net._proto.generate
 
 bench: $(STAMP) sysdeps-test
 	$(BIN)/python benchmarks/latency.py

@@ -420,8 +420,8 @@ def passthrough(input_uri: str, output_uri: str, frame_ms: float, seconds: float
     recv`` opens it (its default device format). "playing" goes to stderr after the first trim.
     """
     from tiality_cli.config import AudioFormat, frame_us_from_ms
-    from tiality_cli.sinks import open_sink
-    from tiality_cli.sources import open_source
+    from tiality_cli.io.sinks import open_sink
+    from tiality_cli.io.sources import open_source
 
     source = open_source(input_uri, AudioFormat(frame_us=frame_us_from_ms(frame_ms)))
     sink = open_sink(output_uri, AudioFormat())

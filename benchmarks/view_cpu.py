@@ -46,9 +46,9 @@ _sys.path.insert(0, str(_ROOT))
 from rich.console import Console, RenderableType  # noqa: E402
 from rich.live import Live  # noqa: E402
 
+from tiality_cli.cli.view import RecvMonitor, SendMonitor, recv_view, send_view  # noqa: E402
 from tiality_cli.receiver import SessionView  # noqa: E402
 from tiality_cli.stats import StatsSnapshot  # noqa: E402
-from tiality_cli.view import RecvMonitor, SendMonitor, recv_view, send_view  # noqa: E402
 
 REFRESH_S = 0.25
 _DOC = _ROOT / "docs" / "stats.md"

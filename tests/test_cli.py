@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tiality_cli.io.files import NullSink
 from tiality_cli.receiver import Receiver, ReceiverConfig
-from tiality_cli.sinks import NullSink
 from tiality_cli.wavfile import read_wav
 
 TIALITY = [sys.executable, "-m", "tiality_cli"]
@@ -63,7 +63,7 @@ def receiver_cli() -> Iterator[tuple[subprocess.Popen[str], int]]:
 def test_help_lists_every_command_and_loads_no_heavy_module() -> None:
     code = (
         "import sys\n"
-        "from tiality_cli.cli import app\n"
+        "from tiality_cli.cli.app import app\n"
         "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = ('grpc', 'numpy', 'sounddevice', 'alsaaudio', 'opuslib', 'samplerate')\n"
         "heavy = [m for m in heavy if m in sys.modules]\n"

@@ -9,10 +9,9 @@ import pytest
 from tiality_cli.clock import SystemClock
 from tiality_cli.clocksync import ClockFilter, ClockSample, sample
 from tiality_cli.config import AudioFormat, Endpoint
+from tiality_cli.io.files import NullSink, ToneSource
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig
-from tiality_cli.sinks import NullSink
-from tiality_cli.sources import ToneSource
 
 
 def test_four_timestamps_give_offset_and_round_trip() -> None:

@@ -22,20 +22,15 @@ from typer.testing import CliRunner
 
 from helpers.signals import align, correlation, find_dropouts, snr_db, trim_aligned, white_noise
 from helpers.soundcard import RATE, VirtualSoundCard, wait_until
-from tiality_cli.cli_devices import register
+from tiality_cli.cli.devices import register
 from tiality_cli.clock import SYSTEM_CLOCK
 from tiality_cli.config import AudioFormat
-from tiality_cli.devices import (
-    ChannelRouter,
-    list_devices,
-    open_capture,
-    open_playback,
-    parse_proc_asound_pcm,
-    resolve_capture,
-)
 from tiality_cli.errors import ConfigError, DeviceError
-from tiality_cli.sinks import open_sink
-from tiality_cli.sources import CaptureOptions, open_source, split_uri
+from tiality_cli.io.base import CaptureOptions, split_uri
+from tiality_cli.io.listing import list_devices, parse_proc_asound_pcm
+from tiality_cli.io.routing import ChannelRouter, resolve_capture
+from tiality_cli.io.sinks import open_playback, open_sink
+from tiality_cli.io.sources import open_capture, open_source
 
 FMT = AudioFormat(RATE, 2, 20_000)
 I16 = npt.NDArray[np.int16]
@@ -384,7 +379,8 @@ def test_listing_survives_missing_backends() -> None:
         "import sys, json\n"
         "sys.modules['sounddevice'] = None\n"  # import fails as when PortAudio/sounddevice is missing
         "sys.modules['alsaaudio'] = None\n"
-        "from tiality_cli.devices import list_devices, open_playback\n"
+        "from tiality_cli.io.listing import list_devices\n"
+        "from tiality_cli.io.sinks import open_playback\n"
         "from tiality_cli.config import AudioFormat\n"
         "from tiality_cli.clock import SYSTEM_CLOCK\n"
         "from tiality_cli.errors import DeviceError\n"
@@ -405,7 +401,7 @@ def test_listing_survives_missing_backends() -> None:
 def test_help_and_registration_load_no_audio_backend() -> None:
     out = run_python(
         "import sys, typer\n"
-        "from tiality_cli.cli_devices import register\n"
+        "from tiality_cli.cli.devices import register\n"
         "app = typer.Typer()\n"
         "app.callback()(lambda: None)\n"
         "register(app)\n"

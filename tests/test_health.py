@@ -8,8 +8,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tiality_cli.io.files import NullSink
 from tiality_cli.receiver import Receiver, ReceiverConfig
-from tiality_cli.sinks import NullSink
 
 
 class BrokenOutput(NullSink):

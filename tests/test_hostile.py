@@ -13,16 +13,16 @@ import pytest
 
 from helpers.proxy import FaultProxy
 from helpers.waiting import wait_until
-from tiality_cli._proto import tiality_pb2 as pb
-from tiality_cli._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.errors import ConnectError, RejectedError
+from tiality_cli.io.files import NullSink
+from tiality_cli.io.sources import open_source
+from tiality_cli.net._proto import tiality_pb2 as pb
+from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
+from tiality_cli.net.client import map_rpc_error
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig
-from tiality_cli.sinks import NullSink
-from tiality_cli.sources import open_source
-from tiality_cli.transport import map_rpc_error
 
 FMT = AudioFormat()
 

@@ -28,9 +28,8 @@ import pexpect
 import pytest
 
 from helpers.proxy import FaultProxy
-from tiality_cli.live import KeyReader
-from tiality_cli.stats import StatsSnapshot
-from tiality_cli.view import (
+from tiality_cli.cli.live import KeyReader
+from tiality_cli.cli.view import (
     RECV_COLUMNS,
     RecvMonitor,
     level_meter,
@@ -39,6 +38,7 @@ from tiality_cli.view import (
     sparkline,
     step_volume_db,
 )
+from tiality_cli.stats import StatsSnapshot
 from tiality_cli.wavfile import read_wav
 
 T = TypeVar("T")

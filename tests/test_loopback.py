@@ -33,8 +33,10 @@ from helpers.signals import (
     white_noise,
 )
 from helpers.soundcard import RATE, VirtualSoundCard
-from tiality_cli.cli_devices import level_meter, register
+from tiality_cli.cli.devices import level_meter, register
 from tiality_cli.config import AudioFormat, CodecConfig
+from tiality_cli.io.sinks import open_sink
+from tiality_cli.io.sources import open_source
 from tiality_cli.loopback import (
     SILENCE_DBFS,
     LoopbackResult,
@@ -43,8 +45,6 @@ from tiality_cli.loopback import (
     run_loopback,
     transcode,
 )
-from tiality_cli.sinks import open_sink
-from tiality_cli.sources import open_source
 
 FMT = AudioFormat(RATE, 2, 20_000)
 I16 = npt.NDArray[np.int16]

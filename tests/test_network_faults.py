@@ -12,10 +12,10 @@ import pytest
 from helpers.proxy import FaultProxy
 from helpers.waiting import wait_until
 from tiality_cli.config import AudioFormat, Endpoint
+from tiality_cli.io.files import NullSink
+from tiality_cli.io.sources import open_source
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig, SendResult
-from tiality_cli.sinks import NullSink
-from tiality_cli.sources import open_source
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_added_delay_raises_latency_without_losing_audio(link: tuple[Receiver, F
 
 
 def test_two_senders_are_mixed(tmp_path: Path) -> None:
-    from tiality_cli.sinks import open_sink
+    from tiality_cli.io.sinks import open_sink
     from tiality_cli.wavfile import read_wav
 
     out_path = tmp_path / "mix.wav"

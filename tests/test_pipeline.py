@@ -19,8 +19,8 @@ from helpers.signals import (
     trim_aligned,
 )
 from tiality_cli.config import AudioFormat, CodecConfig
+from tiality_cli.io.files import convert_audio
 from tiality_cli.playout import PlayoutConfig
-from tiality_cli.sources import convert_audio
 from tiality_cli.wavfile import write_wav
 
 

@@ -9,15 +9,15 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiality_cli._proto import tiality_pb2 as pb
 from tiality_cli.clock import ManualClock
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, Endpoint
+from tiality_cli.io.files import NullSink
+from tiality_cli.io.sources import open_source
+from tiality_cli.net._proto import tiality_pb2 as pb
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig
-from tiality_cli.sinks import NullSink
-from tiality_cli.sources import open_source
 
 FMT = AudioFormat(48_000, 1, 20_000)
 _enc = OpusEncoder(FMT)

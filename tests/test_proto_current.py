@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tiality_cli._proto import generate
+from tiality_cli.net._proto import generate
 
 
 def test_generated_code_is_current() -> None:
@@ -17,7 +17,7 @@ def test_generated_code_is_current() -> None:
 
 
 def test_every_field_is_documented() -> None:
-    from tiality_cli._proto import tiality_pb2 as pb
+    from tiality_cli.net._proto import tiality_pb2 as pb
 
     doc = (generate.ROOT / "docs" / "protocol.md").read_text()
     missing = [

@@ -15,10 +15,10 @@ import pytest
 from helpers.waiting import wait_until
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.errors import RejectedError
+from tiality_cli.io.files import NullSink
+from tiality_cli.io.sources import open_source
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig
-from tiality_cli.sinks import NullSink
-from tiality_cli.sources import open_source
 
 TIALITY = [sys.executable, "-m", "tiality_cli"]
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}

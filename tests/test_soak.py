@@ -15,13 +15,13 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from tiality_cli._proto import tiality_pb2 as pb
-from tiality_cli._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.clock import ManualClock
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat
+from tiality_cli.io.base import FillFn
+from tiality_cli.net._proto import tiality_pb2 as pb
+from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.receiver import Receiver, ReceiverConfig
-from tiality_cli.sinks import FillFn
 
 TOTAL = 100_000
 FMT = AudioFormat(16_000, 1, 20_000)  # small frames keep the decode cost of 100k packets down

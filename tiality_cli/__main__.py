@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def main() -> None:
-    from tiality_cli.cli import app
+    from tiality_cli.cli.app import app
 
     app()
 

@@ -8,7 +8,7 @@ and the values that would work.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tiality_cli.errors import ConfigError
 
@@ -54,15 +54,25 @@ class AudioFormat:
         ch = {1: "mono", 2: "stereo"}.get(self.channels, f"{self.channels} ch")
         return f"{self.sample_rate / 1000:g} kHz {ch}, {self.frame_ms:g} ms frames"
 
-    def validate_opus(self) -> AudioFormat:
-        """Raises ConfigError unless Opus can encode this format."""
+    def validate_opus(self, wire: bool = False) -> AudioFormat:
+        """Raises ConfigError unless Opus can carry this format.
+
+        One set of checks, two phrasings: naming the command-line options, or (``wire``) a sender's
+        announced format, whose refusal goes back to that sender.
+        """
         if self.sample_rate not in OPUS_RATES:
             rates = ", ".join(str(r) for r in OPUS_RATES)
+            if wire:
+                raise ConfigError(f"sample rate {self.sample_rate} Hz not supported by Opus ({rates})")
             raise ConfigError(f"--rate {self.sample_rate}: Opus encodes only at {rates} Hz")
         if self.channels not in (1, 2):
+            if wire:
+                raise ConfigError(f"{self.channels} channels not supported (Opus carries 1 or 2)")
             raise ConfigError(f"--channels {self.channels}: Opus encodes 1 or 2 channels")
         if self.frame_us not in OPUS_FRAME_US:
             allowed = ", ".join(f"{f / 1000:g}" for f in OPUS_FRAME_US)
+            if wire:
+                raise ConfigError(f"frame duration {self.frame_us} us not supported by Opus ({allowed} ms)")
             raise ConfigError(f"--frame-ms {self.frame_us / 1000:g}: Opus frames are {allowed} ms")
         return self
 
@@ -163,3 +173,48 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
     if port == 0:
         raise ConfigError(f"address {text!r}: port 0 is not a port to connect to ({form})")
     return Endpoint(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSecurity:
+    """What the receiver demands: a shared token, TLS, and client certificates (mutual TLS)."""
+
+    token: str | None = field(default=None, repr=False)
+    cert_pem: bytes | None = field(default=None, repr=False)
+    key_pem: bytes | None = field(default=None, repr=False)
+    client_ca_pem: bytes | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_pem is not None
+
+    def validate(self) -> ServerSecurity:
+        """Raises ConfigError for a half-configured TLS set-up (a library caller gets the CLI's words)."""
+        if self.token is not None and not self.token:
+            raise ConfigError("--token: empty")
+        if (self.cert_pem is None) != (self.key_pem is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.client_ca_pem is not None and self.cert_pem is None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """What the sender presents: the token, and TLS trust (CA) plus its own certificate for mutual TLS."""
+
+    token: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_pem: bytes | None = field(default=None, repr=False)  # None with tls: the system's roots
+    cert_pem: bytes | None = field(default=None, repr=False)
+    key_pem: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None  # the name to expect in the receiver's certificate
+
+    def validate(self) -> ClientSecurity:
+        if self.token is not None and not self.token:
+            raise ConfigError("--token: empty")
+        if (self.cert_pem is None) != (self.key_pem is None):
+            raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
+        if (self.cert_pem is not None or self.ca_pem is not None) and not self.tls:
+            raise ConfigError("--tls-ca / --tls-cert need TLS (--tls)")
+        return self

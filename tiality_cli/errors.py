@@ -1,6 +1,6 @@
 """The TialityError tree: every failure a user can cause, each with a one-line message and an exit code.
 
-The library raises these; ``cli.py`` is the one place that prints ``str(error)`` on stderr and exits
+The library raises these; ``tiality_cli/cli/`` is the one place that prints ``str(error)`` on stderr and exits
 with ``error.exit_code``. Messages name the bad value and, where it helps, what would work instead.
 """
 
@@ -57,6 +57,10 @@ class RejectedError(TialityError):
     """The receiver refused the stream (format it cannot play, too many senders...)."""
 
     exit_code = 7
+
+
+class BusyError(RejectedError):
+    """The receiver takes no more senders (--max-senders / --exclusive); sent back to the sender."""
 
 
 class CorruptPacketError(TialityError):

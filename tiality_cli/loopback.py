@@ -7,7 +7,7 @@
     run_live(source, sink, seconds, codec, ...) -> LoopbackResult         source -> Opus -> sink, live
     levels(pcm) -> (peak_dbfs, rms_dbfs)
 
-No typer or rich here: ``cli_devices.py`` shows progress through the ``progress`` callbacks, which get
+No typer or rich here: ``cli/devices.py`` shows progress through the ``progress`` callbacks, which get
 (seconds done, peak dBFS, RMS dBFS of the latest frame) on the caller's thread, never on an audio one.
 In live mode a capture thread encodes and decodes each frame into a small ring that the sink's ``fill``
 drains, once a frame has waited LIVE_MARGIN_US (a margin for capture jitter); the latency is the
@@ -31,8 +31,7 @@ from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.codec import OpusDecoder, OpusEncoder
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.errors import SinkError, SourceError
-from tiality_cli.sinks import Sink
-from tiality_cli.sources import Source
+from tiality_cli.io.base import Sink, Source
 
 ProgressFn = Callable[[float, float, float], None]  # (seconds done, peak dBFS, RMS dBFS)
 SILENCE_DBFS = -120.0  # the level reported for digital silence (JSON has no -inf)

@@ -17,22 +17,23 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
-from tiality_cli._proto import tiality_pb2 as pb
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
-from tiality_cli.config import DEFAULT_PORT, OPUS_FRAME_US, OPUS_RATES, AudioFormat
-from tiality_cli.errors import ConfigError
+from tiality_cli.config import DEFAULT_PORT, AudioFormat, ServerSecurity
+from tiality_cli.errors import BusyError, ConfigError
+from tiality_cli.io.base import Sink
+from tiality_cli.link import ClockEstimate, StreamInfo, StreamTotals
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
-from tiality_cli.recording import OpusRecorder, WavRecorder, check_record_path
-from tiality_cli.sinks import Sink
+from tiality_cli.recording import OpusRecorder, OpusTap, WavRecorder, check_record_path
 from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
-from tiality_cli.transport import PROTOCOL_VERSION, Health, ServerSecurity, start_server
+
+if TYPE_CHECKING:
+    from tiality_cli.net.server import AudioServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +44,24 @@ class ReceiverConfig:
     max_senders: int = 8  # more are refused with RESOURCE_EXHAUSTED; 1 = --exclusive
     security: ServerSecurity = field(default_factory=ServerSecurity)
     record: str | None = None  # PATH.wav: what was played; PATH.opus: the packets received
+    listen: bool = True  # serve gRPC on bind:port; False: streams come only through open_stream()
+
+    def validate(self) -> ReceiverConfig:
+        """Raises ConfigError naming the option, for library callers as for the CLI."""
+        self.playout.validate()
+        self.security.validate()
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port}: out of range (expected 1-65535)")
+        if self.max_senders < 1:
+            raise ConfigError(f"--max-senders {self.max_senders}: must be at least 1")
+        if self.record is not None:
+            check_record_path(self.record)
+        return self
 
 
 @dataclass(slots=True)
 class Session:
-    """One connected sender."""
+    """One connected sender; the transport feeds it as the stream's StreamHandler (tiality_cli.link)."""
 
     id: int
     peer: str
@@ -60,25 +74,42 @@ class Session:
     clock_round_trip_ns: int = 0  # the round trip that estimate came from (its uncertainty is half)
     rates: tuple[RateMeter, RateMeter] = field(default_factory=lambda: (RateMeter(), RateMeter()))
     received: int = 0  # packets taken off the wire (the playout counts them when it next runs)
+    tap: OpusTap | None = None  # --record PATH.opus: the packets as received
+    drain_s: float = 2.2  # how long close() waits for the buffered audio to play out
 
     @property
     def stats(self) -> ReceiverStats:
         return self.playout.stats
 
+    # ---- StreamHandler (the transport's thread) -------------------------------------------------------
+    def packet(self, seq: int, capture_ns: int, payload: bytes) -> None:
+        self.playout.push(seq, capture_ns + self.clock_offset_ns, payload)
+        self.received += 1
+        if self.tap is not None:
+            self.tap.push(seq, payload)
 
-def format_from_message(f: pb.StreamFormat) -> AudioFormat:
-    """Validates a sender's StreamFormat; raises ConfigError with the reason to send back."""
-    if f.protocol_version != PROTOCOL_VERSION:
-        raise ConfigError(f"protocol version {f.protocol_version} not supported (this receiver speaks 1)")
-    if f.codec != pb.CODEC_OPUS:
-        raise ConfigError(f"codec {f.codec} not supported (only Opus)")
-    if f.sample_rate not in OPUS_RATES:
-        raise ConfigError(f"sample rate {f.sample_rate} Hz not supported by Opus")
-    if f.channels not in (1, 2):
-        raise ConfigError(f"{f.channels} channels not supported (Opus carries 1 or 2)")
-    if f.frame_duration_us not in OPUS_FRAME_US:
-        raise ConfigError(f"frame duration {f.frame_duration_us} us not supported by Opus")
-    return AudioFormat(f.sample_rate, f.channels, f.frame_duration_us)
+    def clock(self, estimate: ClockEstimate) -> None:
+        self.clock_offset_ns = estimate.offset_ns
+        self.clock_round_trip_ns = estimate.round_trip_ns
+
+    def close(self) -> StreamTotals:
+        """The sender closed (or vanished): play what arrived, then answer with the totals."""
+        self.playout.end()
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        # Answer once the buffered audio has been played, so the summary counts all of it.
+        self.playout.finished.wait(timeout=self.drain_s)
+        st = self.playout.stats
+        return StreamTotals(
+            packets=st.packets,
+            bytes=st.bytes,
+            lost=st.lost,
+            late=st.late,
+            concealed=st.concealed,
+            duplicates=st.duplicates,
+            frames_played=st.frames_played,
+        )
 
 
 class Receiver:
@@ -86,8 +117,7 @@ class Receiver:
 
     def __init__(self, sink: Sink, config: ReceiverConfig | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.sink = sink
-        self.config = config or ReceiverConfig()
-        self.config.playout.validate()
+        self.config = (config or ReceiverConfig()).validate()
         self.clock = clock
         self.sessions: tuple[Session, ...] = ()
         self.finished: list[ReceiverStats] = []  # stats of ended streams, for the summary
@@ -96,8 +126,7 @@ class Receiver:
         self.port = 0
         self.volume = 1.0
         self.muted = False
-        self._server: grpc.Server | None = None
-        self._health: Health | None = None
+        self._server: AudioServer | None = None
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # guards session changes only, never the audio path
@@ -110,22 +139,25 @@ class Receiver:
         self._wav_rec: WavRecorder | None = None
         self._opus_rec: OpusRecorder | None = None
         rec = self.config.record
-        if rec is not None:
-            check_record_path(rec)
-            if rec.lower().endswith(".opus"):
-                self._opus_rec = OpusRecorder(rec)
+        if rec is not None and rec.lower().endswith(".opus"):
+            self._opus_rec = OpusRecorder(rec)
 
     # ---- life cycle -----------------------------------------------------------------------------------
     def start(self) -> int:
-        """Binds the port and, for a sink with a fixed format (a device), starts playing silence."""
-        self._server, self.port, self._health = start_server(
-            self._handle,
-            self.config.bind,
-            self.config.port,
-            max_streams=self.config.max_senders,
-            wall_ns=self.clock.wall_ns,
-            security=self.config.security,
-        )
+        """Binds the port (unless ``listen`` is off) and, for a sink with a fixed format (a device),
+        starts playing silence. Returns the bound port (0 without a server)."""
+        if self.config.listen:
+            from tiality_cli.net.server import AudioServer
+
+            self._server = AudioServer(
+                self.open_stream,
+                self.config.bind,
+                self.config.port,
+                max_streams=self.config.max_senders,
+                wall_ns=self.clock.wall_ns,
+                security=self.config.security,
+            )
+            self.port = self._server.port
         if self.sink.format is not None:
             self._start_sink(self.sink.format)
         self._stopping.clear()
@@ -142,18 +174,15 @@ class Receiver:
     def _watch(self) -> None:
         """Keeps the gRPC health status in step with the audio output, once a second."""
         while True:
-            if self._health is not None:
-                self._health.set(self.output_error is None)
+            if self._server is not None:
+                self._server.set_serving(self.output_error is None)
             if self._stopping.wait(1.0):
                 return
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._health is not None:
-            self._health.shutdown()
         if self._server is not None:
-            # A handler stuck on a broken peer must not hang shutdown: wait a bounded time, then go.
-            self._server.stop(grace=0.5).wait(timeout=3.0)
+            self._server.stop(grace_s=0.5, timeout_s=3.0)
             self._server = None
         self.sink.close()
         if self._wav_rec is not None:
@@ -225,81 +254,30 @@ class Receiver:
             self.sessions = tuple(keep)
             self._changed.notify_all()
 
-    # ---- gRPC side ------------------------------------------------------------------------------------
-    def _handle(
-        self, requests: Iterator[pb.StreamMessage], context: grpc.ServicerContext
-    ) -> pb.StreamSummary:
-        try:
-            first = next(requests)
-        except StopIteration:
-            return pb.StreamSummary()
-        if first.WhichOneof("body") != "format":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the stream format")
-        try:
-            fmt = format_from_message(first.format)
-        except ConfigError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        session = self._open_session(context.peer(), first.format, fmt)
-        if session is None:
-            n = self.config.max_senders
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"receiver busy: it takes {n} sender{'s' if n != 1 else ''} at a time (--max-senders)",
-            )
-        playout = session.playout
-        tap = (
-            self._opus_rec.open_stream(fmt, first.format.algorithm_delay_samples) if self._opus_rec else None
-        )
-        try:
-            offset = 0  # receiver clock - sender clock, from the sender's ClockEstimate
-            for msg in requests:
-                kind = msg.WhichOneof("body")
-                if kind == "packet":
-                    p = msg.packet
-                    playout.push(p.sequence, p.capture_time_ns + offset, p.payload)
-                    session.received += 1
-                    if tap is not None:
-                        tap.push(p.sequence, p.payload)
-                elif kind == "clock":
-                    offset = msg.clock.offset_ns
-                    session.clock_offset_ns = offset
-                    session.clock_round_trip_ns = msg.clock.round_trip_ns
-        except Exception:  # the sender vanished mid-stream: play what arrived, then end
-            pass
-        finally:
-            playout.end()
-            if tap is not None:
-                tap.close()
-        # Answer once the buffered audio has been played, so the summary counts all of it.
-        playout.finished.wait(timeout=self.config.playout.max_latency_ms / 1000 + 2.0)
-        st = playout.stats
-        return pb.StreamSummary(
-            packets=st.packets,
-            bytes=st.bytes,
-            lost=st.lost,
-            late=st.late,
-            concealed=st.concealed,
-            duplicates=st.duplicates,
-            frames_played=st.frames_played,
-        )
-
-    def _open_session(self, peer: str, f: pb.StreamFormat, fmt: AudioFormat) -> Session | None:
-        """Registers a new sender, or returns None when --max-senders are already playing."""
+    # ---- the transport's side -----------------------------------------------------------------------
+    def open_stream(self, peer: str, info: StreamInfo) -> Session:
+        """Accepts a new sender (tiality_cli.link.Acceptor); BusyError when --max-senders are playing."""
+        fmt = info.format
         with self._lock:
-            if len(self.sessions) >= self.config.max_senders:
-                return None
+            n = self.config.max_senders
+            if len(self.sessions) >= n:
+                raise BusyError(
+                    f"receiver busy: it takes {n} sender{'s' if n != 1 else ''} at a time (--max-senders)"
+                )
             if not self._sink_started:
                 self._start_sink(fmt)
             out = self.sink.format or fmt
-            playout = StreamPlayout(fmt, out, self.config.playout, self.clock, fec=f.inband_fec)
+            playout = StreamPlayout(fmt, out, self.config.playout, self.clock, fec=info.fec)
             s = Session(
                 id=self._next_id,
                 peer=peer,
-                name=f.sender_name,
+                name=info.name,
                 format=fmt,
                 playout=playout,
                 started_ns=self.clock.monotonic_ns(),
-                algorithm_delay=f.algorithm_delay_samples,
+                algorithm_delay=info.algorithm_delay,
+                tap=self._opus_rec.open_stream(fmt, info.algorithm_delay) if self._opus_rec else None,
+                drain_s=self.config.playout.max_latency_ms / 1000 + 2.0,
             )
             self._next_id += 1
             self.streams_started += 1

@@ -1,4 +1,4 @@
-"""The sender: capture -> Opus -> a bounded backlog -> one gRPC client stream.
+"""The sender: capture -> Opus -> a bounded backlog -> one stream over a Link (gRPC unless told otherwise).
 
 Usable from the robot's own code without the CLI::
 
@@ -6,7 +6,7 @@ Usable from the robot's own code without the CLI::
     result = Sender(src, SenderConfig(endpoint=parse_endpoint("gui-host:50052"))).run()
 
 Two threads: the capture thread reads the source (the sound card's clock paces it), encodes each frame
-and appends it to the backlog; gRPC's request thread takes packets from the backlog and writes them.
+and appends it to the backlog; the link's thread (gRPC's request iterator) takes packets from it.
 When the network blocks, capture carries on and the oldest packets are dropped once the backlog exceeds
 ``max_backlog_ms`` (counted): audio never piles up into latency.
 """
@@ -20,25 +20,16 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
-from tiality_cli._proto import tiality_pb2 as pb
-from tiality_cli._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
-from tiality_cli.clocksync import ClockFilter, ClockSample, sample
+from tiality_cli.clocksync import ClockFilter
 from tiality_cli.codec import OpusEncoder
-from tiality_cli.config import CodecConfig, Endpoint
-from tiality_cli.errors import AuthError, ConnectError, RejectedError
-from tiality_cli.sources import Source
+from tiality_cli.config import ClientSecurity, CodecConfig, Endpoint
+from tiality_cli.errors import AuthError, ConfigError, ConnectError, RejectedError
+from tiality_cli.io.base import Source
+from tiality_cli.link import ClockEstimate, Connector, Link, Outgoing, StreamInfo, StreamTotals
 from tiality_cli.stats import dbfs
-from tiality_cli.transport import (
-    PROTOCOL_VERSION,
-    ClientSecurity,
-    map_rpc_error,
-    open_channel,
-    stream_stub,
-)
 
 BACKOFF_FIRST_S = 0.1  # first retry after an outage
 BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about half a second
@@ -58,6 +49,18 @@ class SenderConfig:
     clock_sync_every_s: float = 10.0  # re-estimate this often (clocks drift; NTP may step them)
     reconnect: bool = True  # keep trying when the receiver is down or the link breaks (--once: False)
     security: ClientSecurity = field(default_factory=ClientSecurity)
+
+    def validate(self) -> SenderConfig:
+        """Raises ConfigError naming the option, for library callers as for the CLI."""
+        self.codec.validate()
+        self.security.validate()
+        if not self.max_backlog_ms > 0:
+            raise ConfigError(f"--max-backlog {self.max_backlog_ms:g}: must be positive")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ConfigError(f"--seconds {self.seconds:g}: must be positive")
+        if not self.connect_timeout_s > 0:
+            raise ConfigError(f"connect timeout {self.connect_timeout_s:g} s: must be positive")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +104,16 @@ class SenderStats:
 class Sender:
     """Streams one source to one receiver; ``run()`` blocks until the stream ends."""
 
-    def __init__(self, source: Source, config: SenderConfig, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        source: Source,
+        config: SenderConfig,
+        clock: Clock = SYSTEM_CLOCK,
+        connector: Connector | None = None,
+    ) -> None:
         self.source = source
-        self.config = config
+        self.config = config.validate()
+        self._connect = connector or self._grpc_link
         self.clock = clock
         self.format = source.format
         self.encoder = OpusEncoder(self.format, config.codec)
@@ -116,7 +126,12 @@ class Sender:
         self._capture_error: BaseException | None = None
         self._capture_thread: threading.Thread | None = None
         self.clock_filter = ClockFilter()
-        self._clock_pending: ClockSample | None = None
+        self._clock_pending: ClockEstimate | None = None
+
+    def _grpc_link(self) -> Link:
+        from tiality_cli.net.client import GrpcLink
+
+        return GrpcLink(self.config.endpoint, self.config.security)
 
     def stop(self) -> None:
         """Ends the stream cleanly: what is captured so far is sent, then the stream closes."""
@@ -157,9 +172,9 @@ class Sender:
             self._ready.set()
 
     # ---- network side ---------------------------------------------------------------------------------
-    def _messages(self) -> Iterator[pb.StreamMessage]:
+    def _messages(self) -> Iterator[Outgoing]:
         fmt, st, cfg = self.format, self.stats, self.config
-        # Capture starts when gRPC starts pulling this iterator, i.e. once the call is open: audio
+        # Capture starts when the link starts pulling this iterator, i.e. once the call is open: audio
         # captured while connecting would reach the receiver as a burst of already-old packets.
         if self._capture_thread is None:
             self.source.open()
@@ -170,22 +185,14 @@ class Sender:
             while len(self._backlog) > 1:
                 self._backlog.popleft()
                 st.dropped += 1
-        yield pb.StreamMessage(
-            format=pb.StreamFormat(
-                protocol_version=PROTOCOL_VERSION,
-                codec=pb.CODEC_OPUS,
-                sample_rate=fmt.sample_rate,
-                channels=fmt.channels,
-                frame_duration_us=fmt.frame_us,
-                algorithm_delay_samples=self.encoder.lookahead,
-                bitrate_bps=cfg.codec.bitrate,
-                inband_fec=cfg.codec.inband_fec,
-                dtx=cfg.codec.dtx,
-                sender_name=f"{cfg.name} {self.source.name}"[:200],
-                first_sequence=self._backlog[0][0] & 0xFFFFFFFF
-                if self._backlog
-                else self.stats.frames_captured,
-            )
+        yield StreamInfo(
+            format=fmt,
+            algorithm_delay=self.encoder.lookahead,
+            bitrate=cfg.codec.bitrate,
+            fec=cfg.codec.inband_fec,
+            dtx=cfg.codec.dtx,
+            name=f"{cfg.name} {self.source.name}",
+            first_sequence=self._backlog[0][0] if self._backlog else self.stats.frames_captured,
         )
         st.state = "streaming"
         backlog, ready = self._backlog, self._ready
@@ -193,15 +200,9 @@ class Sender:
             est = self._clock_pending
             if est is not None:
                 self._clock_pending = None
-                yield pb.StreamMessage(
-                    clock=pb.ClockEstimate(
-                        offset_ns=est.offset_ns,
-                        round_trip_ns=est.round_trip_ns,
-                        samples=self.clock_filter.count,
-                    )
-                )
+                yield est
             try:
-                seq, t, payload = backlog.popleft()
+                item = backlog.popleft()
             except IndexError:
                 if self._captured_all.is_set():
                     return
@@ -210,10 +211,8 @@ class Sender:
                 continue
             st.backlog = len(backlog)
             st.packets_sent += 1
-            st.bytes_sent += len(payload)
-            yield pb.StreamMessage(
-                packet=pb.AudioPacket(sequence=seq & 0xFFFFFFFF, capture_time_ns=t, payload=payload)
-            )
+            st.bytes_sent += len(item[2])
+            yield item
 
     def run(self) -> SendResult:
         """Streams until the source ends (or ``seconds``, or ``stop()``); returns the totals.
@@ -222,13 +221,12 @@ class Sender:
         with capped, jittered backoff (unless ``reconnect`` is off). A wrong token or a refused format
         is final: retrying would not change the answer.
         """
-        target = self.config.endpoint.target
         st = self.stats
         delay = BACKOFF_FIRST_S
         try:
             while True:
                 try:
-                    summary = self._stream_once(target)
+                    summary = self._stream_once()
                     break
                 except (AuthError, RejectedError):
                     st.state = "failed"
@@ -263,73 +261,36 @@ class Sender:
                 self._capture_thread.join(timeout=2.0)
             self.source.close()
 
-    def _stream_once(self, target: str) -> pb.StreamSummary:
+    def _stream_once(self) -> StreamTotals:
         """One connection and one stream; raises a TialityError when either fails."""
         st = self.stats
-        channel = open_channel(self.config.endpoint, self.config.security)
-        metadata = self.config.security.metadata()
+        link = self._connect()
+        done = threading.Event()
         try:
             st.state = "connecting"
-            self._wait_ready(channel, target)
-            stub = stream_stub(channel)
+            link.wait_ready(self.config.connect_timeout_s)
             if self.config.clock_sync:
-                self._probe_clock(stub, 8, metadata)
-                sync = threading.Thread(
-                    target=self._clock_loop, args=(stub, metadata), name="tiality-clock", daemon=True
-                )
-                sync.start()
-            try:
-                summary: pb.StreamSummary = stub.Stream(
-                    self._messages(), metadata=metadata, wait_for_ready=False
-                )
-            except grpc.RpcError as err:
-                raise map_rpc_error(err, target) from None
-            return summary
+                self._probe_clock(link, 8)
+                threading.Thread(
+                    target=self._clock_loop, args=(link, done), name="tiality-clock", daemon=True
+                ).start()
+            return link.stream(self._messages())
         finally:
-            channel.close()
+            done.set()
+            link.close()
 
-    def _probe_clock(
-        self, stub: pb_grpc.AudioStreamStub, exchanges: int, metadata: tuple[tuple[str, str], ...]
-    ) -> None:
+    def _probe_clock(self, link: Link, exchanges: int) -> None:
         """A few NTP-style exchanges; the best one becomes the estimate sent in-band."""
-        wall = self.clock.wall_ns
         for _ in range(exchanges):
-            t0 = wall()
-            try:
-                reply = stub.Clock(pb.ClockProbe(sender_send_ns=t0), timeout=2.0, metadata=metadata)
-            except grpc.RpcError:
+            s = link.probe_clock(self.clock.wall_ns)
+            if s is None:
                 return  # an older receiver, or a hiccup: latency then assumes synchronised clocks
-            self.clock_filter.add(sample(t0, reply.receiver_receive_ns, reply.receiver_send_ns, wall()))
-        self._clock_pending = self.clock_filter.best()
-        self._ready.set()
+            self.clock_filter.add(s)
+        best = self.clock_filter.best()
+        if best is not None:
+            self._clock_pending = ClockEstimate(best.offset_ns, best.round_trip_ns, self.clock_filter.count)
+            self._ready.set()
 
-    def _clock_loop(self, stub: pb_grpc.AudioStreamStub, metadata: tuple[tuple[str, str], ...]) -> None:
-        while not self._stop.wait(self.config.clock_sync_every_s):
-            try:
-                self._probe_clock(stub, 4, metadata)
-            except ValueError:  # the channel was closed under us (a reconnect): this loop is done
-                return
-
-    def _wait_ready(self, channel: grpc.Channel, target: str) -> None:
-        """Returns once connected; fails fast (refused, unknown host) or after ``connect_timeout_s``."""
-        settled = threading.Event()
-        last: list[grpc.ChannelConnectivity] = []
-
-        def watch(state: grpc.ChannelConnectivity) -> None:
-            last.append(state)
-            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
-                settled.set()
-
-        channel.subscribe(watch, try_to_connect=True)
-        try:
-            settled.wait(self.config.connect_timeout_s)
-        finally:
-            channel.unsubscribe(watch)
-        if last and last[-1] == grpc.ChannelConnectivity.READY:
-            return
-        if settled.is_set():  # TRANSIENT_FAILURE: a short RPC tells why, in gRPC's words
-            try:
-                stream_stub(channel).Stream(iter(()), timeout=2.0, wait_for_ready=False)
-            except grpc.RpcError as err:
-                raise map_rpc_error(err, target) from None
-        raise ConnectError(f"cannot reach {target}: no answer within {self.config.connect_timeout_s:g} s")
+    def _clock_loop(self, link: Link, done: threading.Event) -> None:
+        while not done.wait(self.config.clock_sync_every_s) and not self._stop.is_set():
+            self._probe_clock(link, 4)

@@ -9,11 +9,11 @@ import numpy as np
 import numpy.typing as npt
 
 from tiality_cli.config import AudioFormat, CodecConfig, Endpoint
+from tiality_cli.io.sinks import open_sink
+from tiality_cli.io.sources import open_source
 from tiality_cli.playout import PlayoutConfig
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig, SendResult
-from tiality_cli.sinks import open_sink
-from tiality_cli.sources import open_source
 from tiality_cli.stats import StatsSnapshot
 from tiality_cli.wavfile import WavInfo, read_wav
 

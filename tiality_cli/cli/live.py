@@ -24,11 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from tiality_cli.receiver import Receiver
-from tiality_cli.sender import Sender
-from tiality_cli.sinks import ClockedSink
-from tiality_cli.stats import StatsSnapshot
-from tiality_cli.view import (
+from tiality_cli.cli.view import (
     Rates,
     RecvFrame,
     RecvMonitor,
@@ -45,6 +41,10 @@ from tiality_cli.view import (
     sender_entry,
     step_volume_db,
 )
+from tiality_cli.io.base import ClockedSink
+from tiality_cli.receiver import Receiver
+from tiality_cli.sender import Sender
+from tiality_cli.stats import StatsSnapshot
 
 REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
 LOG_EVERY_S = 5.0  # plain log lines when stdout is not a terminal

@@ -1,7 +1,7 @@
 """Presentation of statistics: live views for terminals, plain lines for logs, JSON lines for scripts.
 
-Everything here is a function of plain data; the CLI (live.py) decides when to call it. Only this module
-and cli.py import rich. The shape follows Rich's ``examples/top_lite_simulator.py``: the figures of one
+Everything here is a function of plain data; the CLI (live.py) decides when to call it. Only the cli
+package imports rich. The shape follows Rich's ``examples/top_lite_simulator.py``: the figures of one
 refresh go into a frozen dataclass, a pure function lays them out, and a Live display shows each one.
 The live views are laid out as lines of styled text and handed to Rich as segments rather than as a
 Table: a Table of this size costs several times more CPU at 4 refreshes a second (docs/stats.md).

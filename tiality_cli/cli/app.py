@@ -7,22 +7,31 @@ Heavy modules (grpc, numpy, sounddevice, alsaaudio, opuslib) are imported inside
 from __future__ import annotations
 
 import os
-import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from tiality_cli.cli.common import (
+    TOKEN_HELP,
+    _is_loopback,
+    _kbps,
+    _parse_channel_map,
+    _parse_latency,
+    _read_pem,
+    _resolve_token,
+    _stderr,
+    guarded,
+    stop_on_signals,
+)
 from tiality_cli.config import DEFAULT_PORT
-from tiality_cli.errors import ConfigError, TialityError
+from tiality_cli.errors import ConfigError
 
 # gRPC's C core logs its own copy of errors we already report in one line; keep stderr to that line.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    pass
 
 
 app = typer.Typer(
@@ -34,132 +43,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-T = TypeVar("T")
-
-
-def _stderr() -> Console:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Prints one line on stderr and returns the Exit to raise."""
-    _stderr().print(f"[bold red]tiality:[/] {message}", markup=True, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def guarded(fn: Callable[[], T]) -> T:
-    """Runs a command body; library errors become one stderr line and their exit code, never a traceback."""
-    try:
-        return fn()
-    except TialityError as exc:
-        raise fail(str(exc), exc.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", 130) from None
-    except typer.Exit:
-        raise
-    except Exception as exc:  # a bug: still one line, with the type to report it by
-        raise fail(f"internal error: {type(exc).__name__}: {exc}", 70) from None
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set the event (a clean stop with a summary), instead of raising mid-audio."""
-    stop = threading.Event()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():  # a second Ctrl-C: leave now
-            raise KeyboardInterrupt
-        stop.set()
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _kbps(value: float) -> int:
-    return round(value * 1000)
-
-
-def _parse_latency(text: str) -> float | None:
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        return float(text.rstrip("ms").strip())
-    except ValueError:
-        raise ConfigError(f"--latency {text!r}: expected 'auto' or milliseconds, e.g. 40") from None
-
-
-TOKEN_HELP = "Shared secret required on every stream (or TIALITY_TOKEN, or --token-file)."
-
-
-def _resolve_token(token: str | None, token_file: str | None) -> str | None:
-    """--token-file, then --token, then $TIALITY_TOKEN. A token typed on the command line is visible in
-    the process list, so it earns a warning; the file and the environment do not."""
-    if token_file is not None:
-        try:
-            with open(token_file, encoding="utf-8") as f:
-                value = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
-        if not value:
-            raise ConfigError(f"--token-file {token_file}: the file is empty")
-        return value
-    if token is not None:
-        if not token:
-            raise ConfigError("--token: empty")
-        _stderr().print(
-            "tiality: warning: --token is visible to other users in the process list; "
-            "prefer TIALITY_TOKEN or --token-file",
-            markup=False,
-            highlight=False,
-        )
-        return token
-    return os.environ.get("TIALITY_TOKEN") or None
-
-
-def _read_pem(path: str | None, option: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot read ({exc.strerror})") from None
-    if b"-----BEGIN" not in data:
-        raise ConfigError(f"{option} {path}: not a PEM file")
-    return data
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    h = host.strip("[]")
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
-def _parse_channel_map(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--channel-map {text!r}: expected device channel numbers, e.g. 0,1") from None
-    if any(v < 0 for v in values):
-        raise ConfigError(f"--channel-map {text!r}: channel numbers start at 0")
-    return values
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,11 +124,17 @@ def send(
     """
 
     def body() -> None:
-        from tiality_cli.config import AudioFormat, CodecConfig, frame_us_from_ms, parse_endpoint
-        from tiality_cli.live import run_sender
+        from tiality_cli.cli.live import run_sender
+        from tiality_cli.config import (
+            AudioFormat,
+            ClientSecurity,
+            CodecConfig,
+            frame_us_from_ms,
+            parse_endpoint,
+        )
+        from tiality_cli.io.base import CaptureOptions
+        from tiality_cli.io.sources import open_source
         from tiality_cli.sender import Sender, SenderConfig
-        from tiality_cli.sources import CaptureOptions, open_source
-        from tiality_cli.transport import ClientSecurity
 
         endpoint = parse_endpoint(target)
         fmt = AudioFormat(rate, channels, frame_us_from_ms(frame_ms)).validate_opus()
@@ -281,13 +170,13 @@ def send(
 
 
 def _default_input() -> str:
-    from tiality_cli import devices
+    from tiality_cli.io import listing as devices
 
     return devices.default_input_uri()
 
 
 def _default_output() -> str:
-    from tiality_cli import devices
+    from tiality_cli.io import listing as devices
 
     return devices.default_output_uri()
 
@@ -349,12 +238,11 @@ def recv(
     """Receive streams, decode and play them through an adaptive jitter buffer, with live figures."""
 
     def body() -> None:
-        from tiality_cli.config import AudioFormat, parse_port
-        from tiality_cli.live import run_receiver
+        from tiality_cli.cli.live import run_receiver
+        from tiality_cli.config import AudioFormat, ServerSecurity, parse_port
+        from tiality_cli.io.sinks import open_sink
         from tiality_cli.playout import PlayoutConfig
         from tiality_cli.receiver import Receiver, ReceiverConfig
-        from tiality_cli.sinks import open_sink
-        from tiality_cli.transport import ServerSecurity
 
         parse_port(str(port), "--port")
         playout = PlayoutConfig(latency_ms=_parse_latency(latency), max_latency_ms=max_latency).validate()
@@ -422,13 +310,13 @@ def demo(
     """
 
     def body() -> None:
+        from tiality_cli.cli.live import present
+        from tiality_cli.cli.view import json_line, receiver_table
         from tiality_cli.config import AudioFormat, CodecConfig, Endpoint
-        from tiality_cli.live import present
+        from tiality_cli.io.sinks import open_sink
+        from tiality_cli.io.sources import open_source
         from tiality_cli.receiver import Receiver, ReceiverConfig
         from tiality_cli.sender import Sender, SenderConfig
-        from tiality_cli.sinks import open_sink
-        from tiality_cli.sources import open_source
-        from tiality_cli.view import json_line, receiver_table
 
         if seconds <= 0:
             raise ConfigError(f"--seconds {seconds:g}: must be positive")
@@ -487,10 +375,8 @@ def demo(
 
 
 def _register_device_commands() -> None:
-    try:
-        from tiality_cli import cli_devices
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
+    from tiality_cli.cli import devices as cli_devices
+
     cli_devices.register(app)
 
 

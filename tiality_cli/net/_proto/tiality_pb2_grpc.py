@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from tiality_cli._proto import tiality_pb2 as tiality__cli_dot___proto_dot_tiality__pb2
+from tiality_cli.net._proto import tiality_pb2 as tiality__cli_dot_net_dot___proto_dot_tiality__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tiality_cli/_proto/tiality_pb2_grpc.py depends on'
+        + ' but the generated code in tiality_cli/net/_proto/tiality_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class AudioStreamStub:
         """
         self.Stream = channel.stream_unary(
                 '/tiality.v1.AudioStream/Stream',
-                request_serializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamMessage.SerializeToString,
-                response_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamSummary.FromString,
+                request_serializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.StreamMessage.SerializeToString,
+                response_deserializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.StreamSummary.FromString,
                 _registered_method=True)
         self.Clock = channel.unary_unary(
                 '/tiality.v1.AudioStream/Clock',
-                request_serializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockProbe.SerializeToString,
-                response_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockReply.FromString,
+                request_serializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.ClockProbe.SerializeToString,
+                response_deserializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.ClockReply.FromString,
                 _registered_method=True)
 
 
@@ -69,13 +69,13 @@ def add_AudioStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Stream': grpc.stream_unary_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamMessage.FromString,
-                    response_serializer=tiality__cli_dot___proto_dot_tiality__pb2.StreamSummary.SerializeToString,
+                    request_deserializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.StreamMessage.FromString,
+                    response_serializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.StreamSummary.SerializeToString,
             ),
             'Clock': grpc.unary_unary_rpc_method_handler(
                     servicer.Clock,
-                    request_deserializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockProbe.FromString,
-                    response_serializer=tiality__cli_dot___proto_dot_tiality__pb2.ClockReply.SerializeToString,
+                    request_deserializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.ClockProbe.FromString,
+                    response_serializer=tiality__cli_dot_net_dot___proto_dot_tiality__pb2.ClockReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,8 +103,8 @@ class AudioStream:
             request_iterator,
             target,
             '/tiality.v1.AudioStream/Stream',
-            tiality__cli_dot___proto_dot_tiality__pb2.StreamMessage.SerializeToString,
-            tiality__cli_dot___proto_dot_tiality__pb2.StreamSummary.FromString,
+            tiality__cli_dot_net_dot___proto_dot_tiality__pb2.StreamMessage.SerializeToString,
+            tiality__cli_dot_net_dot___proto_dot_tiality__pb2.StreamSummary.FromString,
             options,
             channel_credentials,
             insecure,
@@ -130,8 +130,8 @@ class AudioStream:
             request,
             target,
             '/tiality.v1.AudioStream/Clock',
-            tiality__cli_dot___proto_dot_tiality__pb2.ClockProbe.SerializeToString,
-            tiality__cli_dot___proto_dot_tiality__pb2.ClockReply.FromString,
+            tiality__cli_dot_net_dot___proto_dot_tiality__pb2.ClockProbe.SerializeToString,
+            tiality__cli_dot_net_dot___proto_dot_tiality__pb2.ClockReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,22 +1,22 @@
-"""Audio sinks: where the receiver's audio goes, named by an ``-o`` URI.
+"""What every source and sink is: the real-time contracts, URIs, pacing and the shared device limits.
 
-    file:heard.wav       a WAV file of exactly the stream's audio (concealed frames included)
-    null://              discards the audio (statistics only)
-    sd://NAME_OR_INDEX   PortAudio playback, one continuous callback stream   [devices]
-    alsa://DEVICE        ALSA playback, for headless Pis                      [devices]
+Sources (``-i``): ``read(out)`` blocks until one whole frame is available, writes it into ``out`` (int16,
+shape (frame_samples, channels)) and returns the sender's wall-clock time of the frame's first sample in
+ns, or None when the source has ended. Synthetic sources pace themselves from an absolute schedule
+(start + k frames), so they behave like a microphone: a late reader catches up instead of drifting.
 
-The sink is the clock. It pulls audio from the receiver by calling ``fill(buf)``, which must write the
+Sinks (``-o``): the sink is the clock. It pulls audio by calling ``fill(buf)``, which must write the
 whole buffer (int16, shape (n, channels)) in place and return True when it holds stream audio, False
 when no stream is playing (the buffer is then silence). A device sink calls ``fill`` from its audio
-callback; a file or null sink calls it from its own thread paced in real time, one 5 ms block at a
-time, and keeps only the frames for which it returned True, so a file holds the streams back to back
-and its length is exactly the streams' duration.
+callback; a file or null sink from its own thread paced in real time, one 5 ms block at a time, and
+keeps only the blocks for which it returned True, so a file holds exactly the streams' audio.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -26,8 +26,80 @@ from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
 
-BLOCK_US = 5_000  # the paced sinks' pull period
+INPUT_SCHEMES = ("tone://", "file:", "alsa://", "sd://")
+BLOCK_US = 5_000  # the paced sinks' pull period, and the device sinks' period
+STALL_S = 5.0  # a device that delivers or takes no audio for this long is reported as broken
+POLL_MS = 100  # how often a blocked device read or write looks at close()/stop()
+NS = 1_000_000_000
 FillFn = Callable[[npt.NDArray[np.int16]], bool]
+
+
+class Source(Protocol):
+    """A real-time stream of int16 frames in ``format`` (see the module doc for the contract)."""
+
+    format: AudioFormat
+    name: str
+    overruns: int  # frames the source lost because nobody read them in time
+
+    def open(self) -> None: ...
+
+    def read(self, out: npt.NDArray[np.int16]) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureOptions:
+    """Which device channels reach the encoder (devices only)."""
+
+    capture_channels: int | None = None  # channels opened on the device; None: the stream's count
+    channel_map: tuple[int, ...] | None = None  # device channel per stream channel; None: the first ones
+    downmix: bool = False  # average all captured channels into each stream channel instead
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Returns (scheme, rest) for a source/sink URI, or raises ConfigError naming the known schemes."""
+    for scheme in ("tone://", "file:", "alsa://", "sd://", "null://"):
+        if uri.startswith(scheme):
+            rest = uri[len(scheme) :]
+            if scheme == "file:" and rest.startswith("//"):
+                rest = rest[2:]  # file://path as well as file:path
+            return scheme, rest
+    raise ConfigError(
+        f"{uri!r}: unknown scheme; use one of tone://FREQ, file:PATH.wav, alsa://DEVICE, sd://DEVICE"
+    )
+
+
+class Pacer:
+    """Waits for frame k to be 'captured' at start + (k + 1) frames on the monotonic clock."""
+
+    def __init__(self, frame_ns: int, clock: Clock) -> None:
+        self._frame_ns = frame_ns
+        self._clock = clock
+        self._start_mono = 0
+        self._start_wall = 0
+        self.k = 0
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._start_mono = self._clock.monotonic_ns()
+        self._start_wall = self._clock.wall_ns()
+        self.k = 0
+
+    def wait_next(self) -> int | None:
+        """Blocks until the next frame is due; returns its first sample's wall time, None if stopped."""
+        due = self._start_mono + (self.k + 1) * self._frame_ns
+        delay = due - self._clock.monotonic_ns()
+        if delay > 0 and self._stop.wait(delay / 1e9):
+            return None
+        if self._stop.is_set():
+            return None
+        t = self._start_wall + self.k * self._frame_ns
+        self.k += 1
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class Sink(Protocol):
@@ -113,74 +185,3 @@ class ClockedSink:
 
     def close(self) -> None:
         self.stop()
-
-
-class NullSink(ClockedSink):
-    """Discards audio, at real-time pace, so statistics and latency are those of a real output."""
-
-    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
-        super().__init__("null://", clock)
-
-
-class WavSink(ClockedSink):
-    """Writes the stream's audio to a WAV file in the stream's (or the given) format."""
-
-    def __init__(self, path: str, clock: Clock = SYSTEM_CLOCK) -> None:
-        super().__init__(f"file:{path}", clock)
-        self.path = path
-        self._writer: object | None = None
-        self._check_writable()
-
-    def _check_writable(self) -> None:
-        """Fails early (before listening) when the file cannot be created."""
-        from tiality_cli.wavfile import WavWriter
-
-        WavWriter(self.path, 48000, 1).close()
-
-    def open(self, fmt: AudioFormat) -> None:
-        from tiality_cli.wavfile import WavWriter
-
-        super().open(fmt)
-        self._writer = WavWriter(self.path, fmt.sample_rate, fmt.channels)
-
-    def consume(self, buf: npt.NDArray[np.int16]) -> None:
-        from tiality_cli.wavfile import WavWriter
-
-        w = self._writer
-        if isinstance(w, WavWriter):
-            w.write(buf)
-
-    def close(self) -> None:
-        from tiality_cli.wavfile import WavWriter
-
-        super().close()
-        with self._lock:
-            if isinstance(self._writer, WavWriter):
-                self._writer.close()
-            self._writer = None
-
-
-def open_sink(uri: str, fmt: AudioFormat | None = None, clock: Clock = SYSTEM_CLOCK) -> Sink:
-    """Builds the sink a URI names. Device sinks open (and fail) here, before the port is bound.
-
-    ``fmt`` fixes a device's format (default 48 kHz stereo); file and null sinks take the stream's format
-    unless one is given.
-    """
-    from tiality_cli.sources import split_uri
-
-    scheme, rest = split_uri(uri)
-    if scheme == "null://":
-        sink: Sink = NullSink(clock)
-    elif scheme == "file:":
-        if not rest:
-            raise ConfigError(f"{uri!r}: expected file:PATH.wav")
-        sink = WavSink(rest, clock)
-    elif scheme in ("alsa://", "sd://"):
-        from tiality_cli import devices
-
-        return devices.open_playback(scheme, rest, fmt or AudioFormat(), clock)
-    else:
-        raise ConfigError(f"{uri!r}: {scheme} is an input, not an output")
-    if fmt is not None:
-        sink.open(fmt)
-    return sink

@@ -3,7 +3,7 @@
     tiality devices [--json]                 ALSA cards and PCMs, PortAudio devices, and their -i/-o URIs
     tiality loopback [--live] [-i] [-o] ...  microphone self-test through Opus, with the codec's figures
 
-The work is in ``devices.py`` and ``loopback.py``; this module only maps options and presents results.
+The work is in ``tiality_cli/io/`` and ``loopback.py``; this module only maps options and presents results.
 Errors go through ``cli.guarded`` (one stderr line, the error's exit code). numpy, sounddevice and
 alsaaudio are imported inside the commands, so ``tiality --help`` loads none of them.
 """
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
     from rich.table import Table
 
-    from tiality_cli.devices import DeviceList
+    from tiality_cli.io.listing import DeviceList
     from tiality_cli.loopback import LoopbackResult, ProgressFn
 
 DEVICES_EPILOG = (
@@ -53,10 +53,10 @@ def devices(
     json_: Annotated[bool, typer.Option("--json", help="Print the listing as JSON (for scripts).")] = False,
 ) -> None:
     """List sound devices (ALSA cards and PCMs, PortAudio devices) and the URI that selects each."""
-    from tiality_cli.cli import guarded
+    from tiality_cli.cli.common import guarded
 
     def body() -> None:
-        from tiality_cli.devices import list_devices
+        from tiality_cli.io.listing import list_devices
 
         listing = list_devices()
         if json_:
@@ -171,15 +171,16 @@ def loopback(
 
     With --live the input goes through Opus to the output continuously, and the latency is measured.
     """
-    from tiality_cli.cli import _parse_channel_map, guarded, stop_on_signals
+    from tiality_cli.cli.common import _parse_channel_map, guarded, stop_on_signals
 
     def body() -> None:
-        from tiality_cli import devices
         from tiality_cli.config import AudioFormat, CodecConfig, frame_us_from_ms
         from tiality_cli.errors import ConfigError
+        from tiality_cli.io import listing as devices
+        from tiality_cli.io.base import CaptureOptions
+        from tiality_cli.io.sinks import open_sink
+        from tiality_cli.io.sources import open_source
         from tiality_cli.loopback import run_live, run_loopback
-        from tiality_cli.sinks import open_sink
-        from tiality_cli.sources import CaptureOptions, open_source
 
         if seconds < 0 or (seconds == 0 and not live) or not math.isfinite(seconds):
             raise ConfigError(f"--seconds {seconds:g}: must be positive (0 only with --live)")

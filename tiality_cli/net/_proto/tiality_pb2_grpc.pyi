@@ -10,7 +10,7 @@ Every field is documented in docs/protocol.md; numbers are never reused (see `re
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from tiality_cli._proto import tiality_pb2 as _tiality_pb2
+from tiality_cli.net._proto import tiality_pb2 as _tiality_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

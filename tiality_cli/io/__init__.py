@@ -1,0 +1,1 @@
+"""Sources, sinks and sound-device backends (ALSA, PortAudio, files)."""

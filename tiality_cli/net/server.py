@@ -1,0 +1,168 @@
+"""The receiver's gRPC server: the AudioStream service, health and reflection, over an Acceptor.
+
+Standard tools can probe a receiver: ``grpc_health_probe -addr=HOST:50052`` or
+``grpcurl -plaintext HOST:50052 list``. The servicer is thin: it turns messages into calls on the
+receiver's StreamHandler (tiality_cli.link) and the handler's refusals into status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from tiality_cli.config import ServerSecurity
+from tiality_cli.errors import AddressInUseError, BusyError, ConfigError, RejectedError
+from tiality_cli.link import Acceptor
+from tiality_cli.net._proto import tiality_pb2 as pb
+from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
+from tiality_cli.net.security import TokenCheck, server_credentials
+from tiality_cli.net.wire import SERVICE_NAME, estimate_from_pb, info_from_pb, totals_to_pb
+
+# A 60 ms stereo Opus packet at 510 kbit/s is under 4 kB; 64 KiB leaves room and bounds what a
+# hostile peer can make the receiver allocate per message.
+MAX_MESSAGE_BYTES = 64 * 1024
+FLOW_WINDOW_BYTES = 4096  # ~0.5 s at 64 kbit/s; still ~20x the bandwidth-delay product of Wi-Fi
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.so_reuseport", 0),  # otherwise a second receiver silently shares the port
+    # Flow control: a small fixed window, so that a stalled link blocks the sender after ~0.5 s of
+    # audio instead of letting seconds pile up in HTTP/2 and TCP buffers. The sender's own backlog
+    # (--max-backlog) then decides what to drop, and no stale audio is in flight when the link recovers.
+    ("grpc.http2.lookahead_bytes", FLOW_WINDOW_BYTES),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+WallClock = Callable[[], int]
+
+
+class _Servicer(pb_grpc.AudioStreamServicer):
+    def __init__(self, accept: Acceptor, wall_ns: WallClock, token: TokenCheck) -> None:
+        self._accept = accept
+        self._wall_ns = wall_ns
+        self._token = token
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        refusal = self._token.refusal(context)
+        if refusal is not None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+
+    def Clock(self, request: pb.ClockProbe, context: grpc.ServicerContext) -> pb.ClockReply:
+        t1 = self._wall_ns()
+        self._check(context)
+        return pb.ClockReply(
+            sender_send_ns=request.sender_send_ns, receiver_receive_ns=t1, receiver_send_ns=self._wall_ns()
+        )
+
+    def Stream(
+        self, request_iterator: Iterator[pb.StreamMessage], context: grpc.ServicerContext
+    ) -> pb.StreamSummary:
+        self._check(context)
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            return pb.StreamSummary()
+        if first.WhichOneof("body") != "format":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the stream format")
+        try:
+            handler = self._accept(context.peer(), info_from_pb(first.format))
+        except BusyError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (ConfigError, RejectedError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        packet, clock = handler.packet, handler.clock
+        try:
+            while True:
+                try:
+                    msg = next(request_iterator)
+                except StopIteration:
+                    break
+                except Exception:  # the sender vanished mid-stream (cancelled, reset): play what arrived
+                    break
+                kind = msg.WhichOneof("body")
+                if kind == "packet":
+                    p = msg.packet
+                    packet(p.sequence, p.capture_time_ns, p.payload)
+                elif kind == "clock":
+                    clock(estimate_from_pb(msg.clock))
+        finally:
+            totals = handler.close()
+        return totals_to_pb(totals)
+
+
+def bind_address(host: str, port: int) -> str:
+    h = host.strip("[]")
+    return f"[{h}]:{port}" if ":" in h else f"{h}:{port}"
+
+
+class AudioServer:
+    """A started gRPC server carrying the audio service, health (SERVING while audio plays) and reflection."""
+
+    def __init__(
+        self,
+        accept: Acceptor,
+        host: str,
+        port: int,
+        max_streams: int = 16,
+        wall_ns: WallClock = time.time_ns,
+        security: ServerSecurity | None = None,
+    ) -> None:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        sec = (security or ServerSecurity()).validate()
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="tiality-rpc"),
+            options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=max_streams + 4,
+        )
+        pb_grpc.add_AudioStreamServicer_to_server(_Servicer(accept, wall_ns, TokenCheck(sec.token)), server)
+        self._serving = health_pb2.HealthCheckResponse.SERVING
+        self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.set_serving(False)
+        services = (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
+        address = bind_address(host, port)
+        try:
+            bound = (
+                server.add_secure_port(address, server_credentials(sec))
+                if sec.tls
+                else server.add_insecure_port(address)
+            )
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            server.stop(None)
+            if port:
+                raise AddressInUseError(
+                    f"cannot listen on {address}: port {port} is already in use (another tiality recv?); "
+                    "pick another with --port"
+                )
+            raise ConfigError(f"cannot listen on {address}: no such local address")
+        server.start()
+        self._server: grpc.Server | None = server
+        self.port = bound
+
+    def set_serving(self, serving: bool) -> None:
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, self._serving if serving else self._not_serving)
+
+    def stop(self, grace_s: float = 0.5, timeout_s: float = 3.0) -> None:
+        """Stops accepting, lets streams end for ``grace_s``, and never waits beyond ``timeout_s``."""
+        self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            # A handler stuck on a broken peer must not hang shutdown: wait a bounded time, then go.
+            self._server.stop(grace=grace_s).wait(timeout=timeout_s)
+            self._server = None
