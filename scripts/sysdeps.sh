@@ -3,7 +3,7 @@
 # Usage: scripts/sysdeps.sh run|test      (test adds the virtual sound card: PulseAudio + ALSA pulse plugin)
 set -euo pipefail
 run_pkgs=(python3 python3-venv python3-dev gcc libopus0 libportaudio2 libasound2-dev libsamplerate0)
-test_pkgs=(pulseaudio pulseaudio-utils libasound2-plugins alsa-utils sox opus-tools ffmpeg openssl)
+test_pkgs=(pulseaudio pulseaudio-utils libasound2-plugins alsa-utils sox opus-tools ffmpeg openssl systemd)
 want=("${run_pkgs[@]}")
 [ "${1:-run}" = test ] && want+=("${test_pkgs[@]}")
 missing=()
