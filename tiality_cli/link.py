@@ -8,7 +8,7 @@
 ``tiality_cli.net`` implements Link and serves Acceptors over gRPC; nothing here knows protobuf or gRPC,
 so Sender and Receiver are tested with a DirectLink and used over the network with the same code.
 
-A stream is: one StreamInfo, then packets ``(sequence, capture_time_ns, payload)`` and now and then a
+A stream is: one StreamInfo, then packets ``(sequence, capture_time_ns, payload, capture_delay_ns)`` and a
 ClockEstimate, then the end, answered by the receiver's StreamTotals once it has played what it got.
 """
 
@@ -61,14 +61,15 @@ class StreamTotals:
     frames_played: int = 0
 
 
-Packet = tuple[int, int, bytes]  # (sequence, capture_time_ns on the sender's wall clock, Opus payload)
+# (sequence, capture_time_ns: ADC time on the sender's wall clock, Opus payload, capture-device delay ns)
+Packet = tuple[int, int, bytes, int]
 Outgoing = StreamInfo | ClockEstimate | Packet
 
 
 class StreamHandler(Protocol):
     """The receiver's side of one accepted stream; the transport calls it from that stream's thread."""
 
-    def packet(self, seq: int, capture_ns: int, payload: bytes) -> None: ...
+    def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int) -> None: ...
 
     def clock(self, estimate: ClockEstimate) -> None: ...
 

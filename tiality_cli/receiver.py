@@ -75,6 +75,7 @@ class Session:
     rates: tuple[RateMeter, RateMeter] = field(default_factory=lambda: (RateMeter(), RateMeter()))
     received: int = 0  # packets taken off the wire (the playout counts them when it next runs)
     tap: OpusTap | None = None  # --record PATH.opus: the packets as received
+    capture_delay_ns: int = 0  # the capture-device delay of the last packet, as the sender measured it
     drain_s: float = 2.2  # how long close() waits for the buffered audio to play out
 
     @property
@@ -82,7 +83,8 @@ class Session:
         return self.playout.stats
 
     # ---- StreamHandler (the transport's thread) -------------------------------------------------------
-    def packet(self, seq: int, capture_ns: int, payload: bytes) -> None:
+    def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int = 0) -> None:
+        self.capture_delay_ns = capture_delay_ns
         self.playout.push(seq, capture_ns + self.clock_offset_ns, payload)
         self.received += 1
         if self.tap is not None:

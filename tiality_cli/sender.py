@@ -28,7 +28,7 @@ from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import ClientSecurity, CodecConfig, Endpoint
 from tiality_cli.errors import AuthError, ConfigError, ConnectError, RejectedError
 from tiality_cli.io.base import Source
-from tiality_cli.link import ClockEstimate, Connector, Link, Outgoing, StreamInfo, StreamTotals
+from tiality_cli.link import ClockEstimate, Connector, Link, Outgoing, Packet, StreamInfo, StreamTotals
 from tiality_cli.stats import dbfs
 
 BACKOFF_FIRST_S = 0.1  # first retry after an outage
@@ -91,6 +91,7 @@ class SenderStats:
         self.state = "starting"  # starting, connecting, streaming, reconnecting, done, failed
         self.reconnects = 0  # streams re-opened after the receiver went away or the link broke
         self.last_error = ""  # why the last attempt failed (shown while reconnecting)
+        self.capture_dropped_ms = 0.0  # stale audio the capture device had queued, dropped to stay fresh
 
     @property
     def level_dbfs(self) -> float:
@@ -118,7 +119,7 @@ class Sender:
         self.format = source.format
         self.encoder = OpusEncoder(self.format, config.codec)
         self.stats = SenderStats()
-        self._backlog: deque[tuple[int, int, bytes]] = deque()
+        self._backlog: deque[Packet] = deque()
         self._max_backlog = max(1, int(config.max_backlog_ms * 1000 // self.format.frame_us))
         self._ready = threading.Event()
         self._captured_all = threading.Event()
@@ -127,6 +128,7 @@ class Sender:
         self._capture_thread: threading.Thread | None = None
         self.clock_filter = ClockFilter()
         self._clock_pending: ClockEstimate | None = None
+        self._next_seq = 0  # the sequence number of the next frame captured
 
     def _grpc_link(self) -> Link:
         from tiality_cli.net.client import GrpcLink
@@ -146,16 +148,25 @@ class Sender:
         seq = 0
         buf = enc.input
         flat = np.zeros(buf.size, dtype=np.float32)  # for the level meter: int16 squares overflow
+        src, wall, frame_ns = self.source, self.clock.wall_ns, fmt.frame_ns
+        dropped_ns = src.dropped_ns
         try:
             while not self._stop.is_set() and (limit is None or seq < limit):
-                t = self.source.read(buf)
+                t = src.read(buf)
                 if t is None:
                     break
+                delay = wall() - t - frame_ns  # how long the frame waited in the device once complete
+                if src.dropped_ns != dropped_ns:
+                    # The source dropped stale frames: the sequence counts audio time, so it skips them
+                    # too, and the receiver plays this frame at its true place instead of late.
+                    seq += round((src.dropped_ns - dropped_ns) / frame_ns)
+                    dropped_ns = src.dropped_ns
+                    st.capture_dropped_ms = dropped_ns / 1e6
                 st.peak = max(int(buf.max()), -int(buf.min()))
                 np.copyto(flat, buf.reshape(-1))
                 st.rms = float(np.sqrt(np.dot(flat, flat) / flat.size))
                 payload = enc.encode()
-                self._backlog.append((seq, t, payload))
+                self._backlog.append((seq, t, payload, delay if delay > 0 else 0))
                 if len(self._backlog) > self._max_backlog:
                     self._backlog.popleft()
                     st.dropped += 1
@@ -163,7 +174,8 @@ class Sender:
                 if n > st.backlog_peak:
                     st.backlog_peak = n
                 seq += 1
-                st.frames_captured = seq
+                self._next_seq = seq
+                st.frames_captured += 1
                 self._ready.set()
         except BaseException as exc:  # surfaced by run() on the caller's thread
             self._capture_error = exc
@@ -192,7 +204,7 @@ class Sender:
             fec=cfg.codec.inband_fec,
             dtx=cfg.codec.dtx,
             name=f"{cfg.name} {self.source.name}",
-            first_sequence=self._backlog[0][0] if self._backlog else self.stats.frames_captured,
+            first_sequence=self._backlog[0][0] if self._backlog else self._next_seq,
         )
         st.state = "streaming"
         backlog, ready = self._backlog, self._ready

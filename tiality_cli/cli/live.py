@@ -245,6 +245,7 @@ def sender_fields(sender: Sender, rates: Rates, now_s: float) -> dict[str, Any]:
         "backlog_peak_ms": round(st.backlog_peak * fmt.frame_ms, 1),
         "dropped": st.dropped,
         "overruns": sender.source.overruns,
+        "capture_dropped_ms": round(st.capture_dropped_ms, 1),
         "level_dbfs": round(st.level_dbfs, 1),
         "peak_dbfs": round(st.peak_dbfs, 1),
         "rtt_ms": None if best is None else round(best.round_trip_ns / 1e6, 3),

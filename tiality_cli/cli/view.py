@@ -691,6 +691,9 @@ def send_lines(f: SendFrame, width: int = 120) -> list[Line]:
     ]
     if d.get("overruns"):
         rows.append(("capture overruns", [(str(d["overruns"]), "red")], ""))
+    if d.get("capture_dropped_ms"):
+        stale = f"{d['capture_dropped_ms']:.0f} ms (queued in the device after a stall, dropped to stay live)"
+        rows.append(("capture dropped", [(stale, "yellow")], ""))
     label_w = max(len(label) for label, _, _ in rows)
     value_w = max(_width(value) for _, value, _ in rows)
     lines = [_fit(head, width)]

@@ -19,7 +19,7 @@ from tiality_cli.clock import Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import DeviceError
 from tiality_cli.io.backends import load_alsaaudio
-from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn
+from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn, Freshness
 from tiality_cli.io.listing import device_error, ranges
 from tiality_cli.io.routing import ChannelRouter
 
@@ -99,6 +99,7 @@ class AlsaCapture:
         self.format = fmt
         self.name = uri
         self.overruns = 0
+        self.dropped_ns = 0
         self.device = device
         self._router = router
         self._clock = clock
@@ -127,6 +128,7 @@ class AlsaCapture:
             (fmt.frame_samples + self.period, self._router.device_channels), dtype=np.int16
         )
         self._staged = 0
+        self._fresh = Freshness(fmt.frame_samples)
 
     def open(self) -> None:
         with self._lock:
@@ -138,46 +140,85 @@ class AlsaCapture:
             self._opened = True
 
     def read(self, out: npt.NDArray[np.int16]) -> int | None:
+        """Blocks for the next frame; returns the wall-clock time its first sample reached the ADC.
+
+        What is queued behind the frame is checked after every read: a stale backlog (Freshness) is
+        dropped, oldest first, so the frame returned is never more than a period old.
+        """
         n = self.format.frame_samples
+        rate = self.format.sample_rate
         with self._lock:
             pcm = self._pcm
             if pcm is None or self._closing:
                 return None
             if not self._opened:
                 raise RuntimeError("open() the source before read()")
-            stalled = 0
-            kick = False
-            while self._staged < n:
-                if self._closing:
+            while True:
+                if not self._fill(pcm, n):
                     return None
-                if not kick and not self._poll.wait(POLL_MS):
-                    stalled += POLL_MS
-                    if stalled >= STALL_S * 1000:
-                        raise DeviceError(f"{self.name}: no audio from the device for {STALL_S:g} s")
-                    continue
-                kick = False
-                try:
-                    length, data = pcm.read()
-                except Exception as exc:  # ALSAAudioError: unplugged, server gone...
-                    raise DeviceError(f"{self.name}: capture failed: {alsa_reason(str(exc))}") from None
-                if length < 0:  # -EPIPE: overrun; pyalsaaudio has prepared the PCM again
-                    self.overruns += 1
-                    self._staged = 0  # never join audio across a gap
-                    kick = True  # the next read restarts capture
-                    continue
-                if length:
-                    stalled = 0
-                    chunk = np.frombuffer(data, dtype=np.int16).reshape(length, -1)
-                    self._stage[self._staged : self._staged + length] = chunk
-                    self._staged += length
-            queued = max(0, int(pcm.avail()))
-            t = self._clock.wall_ns() - (queued + self._staged) * NS // self.format.sample_rate
+                queued = max(0, int(pcm.avail()))
+                drop = self._fresh.excess(queued + self._staged - n)
+                if not drop:
+                    break
+                self.dropped_ns += drop * NS // rate
+                self._discard(pcm, drop)
+            t = self._clock.wall_ns() - (queued + self._staged) * NS // rate
             self._router.route(self._stage[:n], out)
             rest = self._staged - n
             if rest:
                 self._stage[:rest] = self._stage[n : self._staged]
             self._staged = rest
             return t
+
+    def _fill(self, pcm: Any, n: int) -> bool:
+        """Reads until ``n`` samples are staged; False when closing."""
+        stalled = 0
+        kick = False
+        while self._staged < n:
+            if self._closing:
+                return False
+            if not kick and not self._poll.wait(POLL_MS):
+                stalled += POLL_MS
+                if stalled >= STALL_S * 1000:
+                    raise DeviceError(f"{self.name}: no audio from the device for {STALL_S:g} s")
+                continue
+            kick = False
+            length = self._read_chunk(pcm)
+            if length < 0:  # -EPIPE: overrun; pyalsaaudio has prepared the PCM again
+                self.overruns += 1
+                self._staged = 0  # never join audio across a gap
+                kick = True  # the next read restarts capture
+            elif length:
+                stalled = 0
+        return True
+
+    def _read_chunk(self, pcm: Any) -> int:
+        """One non-blocking read appended to the stage; returns its length (< 0: overrun)."""
+        try:
+            length, data = pcm.read()
+        except Exception as exc:  # ALSAAudioError: unplugged, server gone...
+            raise DeviceError(f"{self.name}: capture failed: {alsa_reason(str(exc))}") from None
+        if length > 0:
+            if self._staged + length > len(self._stage):  # more than a frame and a period: grow once
+                grown = np.zeros((self._staged + length, self._stage.shape[1]), dtype=np.int16)
+                grown[: self._staged] = self._stage[: self._staged]
+                self._stage = grown
+            chunk = np.frombuffer(data, dtype=np.int16).reshape(length, -1)
+            self._stage[self._staged : self._staged + length] = chunk
+            self._staged += length
+        return int(length)
+
+    def _discard(self, pcm: Any, count: int) -> None:
+        """Drops the oldest ``count`` samples: staged ones first, then straight from the device."""
+        while count > 0:
+            take = min(count, self._staged)
+            if take:
+                rest = self._staged - take
+                self._stage[:rest] = self._stage[take : self._staged]
+                self._staged = rest
+                count -= take
+            elif self._read_chunk(pcm) <= 0:
+                return  # nothing more queued after all (or an overrun, counted by the next fill)
 
     def close(self) -> None:
         self._closing = True

@@ -40,6 +40,7 @@ class Source(Protocol):
     format: AudioFormat
     name: str
     overruns: int  # frames the source lost because nobody read them in time
+    dropped_ns: int  # stale audio dropped so that the capture device never queues beyond a period
 
     def open(self) -> None: ...
 
@@ -185,3 +186,37 @@ class ClockedSink:
 
     def close(self) -> None:
         self.stop()
+
+
+class Freshness:
+    """Decides when audio queued in a capture device is stale, so that it never turns into latency.
+
+    A capture device hands over audio in bursts (the pulse plugin gives 3-8 frames at once at start) and
+    a reader can stall (a GC pause, a frozen process, a slow Pi): either way frames wait in the device,
+    and a reader that then takes one frame per period keeps that backlog for good. After each read,
+    ``excess(backlog)`` says how many samples to drop so that at most one period stays queued: at once
+    when the backlog is ``burst`` periods or more (nothing normal explains that), otherwise when more
+    than a period has stayed queued for ``persist`` reads in a row (a device that delivers two periods
+    at a time leaves one queued every other read only, which is left alone).
+    """
+
+    def __init__(self, period: int, persist: int = 3, burst: int = 3) -> None:
+        self.period = period
+        self._persist = persist
+        self._burst = burst
+        self._over = 0
+        self.dropped = 0  # samples (per channel) dropped so far
+
+    def excess(self, backlog: int) -> int:
+        """Samples to drop now, oldest first (whole periods), given what is queued after this frame."""
+        p = self.period
+        if backlog <= p:
+            self._over = 0
+            return 0
+        self._over += 1
+        if backlog < self._burst * p and self._over < self._persist:
+            return 0
+        self._over = 0
+        drop = -(-(backlog - p) // p) * p
+        self.dropped += drop
+        return drop

@@ -24,6 +24,7 @@ class ToneSource:
         self.format = fmt
         self.name = f"tone://{freq:g}"
         self.overruns = 0
+        self.dropped_ns = 0
         self.freq = freq
         self._amp = 32767 * 10 ** (level_dbfs / 20)
         self._pacer = Pacer(fmt.frame_ns, clock)
@@ -78,6 +79,7 @@ class WavSource:
         self.format = fmt
         self.name = f"file:{path}"
         self.overruns = 0
+        self.dropped_ns = 0
         self.path = path
         self._pacer = Pacer(fmt.frame_ns, clock)
         self._pcm: npt.NDArray[np.int16] = np.zeros((0, fmt.channels), np.int16)

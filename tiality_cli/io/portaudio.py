@@ -17,7 +17,7 @@ from tiality_cli.clock import Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import DeviceError
 from tiality_cli.io.backends import load_sounddevice
-from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn
+from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn, Freshness
 from tiality_cli.io.listing import device_error, sd_defaults, sd_match
 from tiality_cli.io.routing import ChannelRouter
 
@@ -78,8 +78,10 @@ class SdCapture:
         self.format = fmt
         self.name = uri
         self.overruns = 0
+        self.dropped_ns = 0
         self._router = router
         self._clock = clock
+        self._fresh = Freshness(fmt.frame_samples)
         sd, index, info = sd_device(uri, query, True)
         self.device = f"sd://{index} ({info['name']})"
         ch, n = router.device_channels, fmt.frame_samples
@@ -118,6 +120,7 @@ class SdCapture:
             if self._written - self._read >= self.RING_FRAMES:
                 self._read += 1
                 self.overruns += 1
+                self.dropped_ns += self._frame_ns
             slot = self._written % self.RING_FRAMES
             self._ring[slot] = indata
             self._times[slot] = now - max(age, self._frame_ns)
@@ -143,6 +146,11 @@ class SdCapture:
                         raise DeviceError(f"{self.name}: no audio from the device for {STALL_S:g} s")
             if self._closing:
                 return None
+            n = self.format.frame_samples
+            drop = self._fresh.excess((self._written - self._read - 1) * n) // n
+            if drop:  # a stale backlog (the reader stalled): skip the oldest frames, keep the newest
+                self._read += drop
+                self.dropped_ns += drop * self._frame_ns
             slot = self._read % self.RING_FRAMES
             self._router.route(self._ring[slot], out)
             self._read += 1

@@ -92,7 +92,7 @@ class _Servicer(pb_grpc.AudioStreamServicer):
                 kind = msg.WhichOneof("body")
                 if kind == "packet":
                     p = msg.packet
-                    packet(p.sequence, p.capture_time_ns, p.payload)
+                    packet(p.sequence, p.capture_time_ns, p.payload, p.capture_delay_us * 1000)
                 elif kind == "clock":
                     clock(estimate_from_pb(msg.clock))
         finally:

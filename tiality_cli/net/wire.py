@@ -74,9 +74,14 @@ def totals_from_pb(s: pb.StreamSummary) -> StreamTotals:
 def message(item: Outgoing) -> pb.StreamMessage:
     """One outgoing item as the message that carries it (a packet is the common case: tested first)."""
     if type(item) is tuple:
-        seq, t, payload = item
+        seq, t, payload, delay_ns = item
         return pb.StreamMessage(
-            packet=pb.AudioPacket(sequence=seq & 0xFFFFFFFF, capture_time_ns=t, payload=payload)
+            packet=pb.AudioPacket(
+                sequence=seq & 0xFFFFFFFF,
+                capture_time_ns=t,
+                payload=payload,
+                capture_delay_us=min(0xFFFFFFFF, max(0, delay_ns // 1000)),
+            )
         )
     if isinstance(item, ClockEstimate):
         return pb.StreamMessage(

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tiality_cli/net/_proto/tiality.proto\x12\ntiality.v1\"\x96\x02\n\x0cStreamFormat\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12 \n\x05\x63odec\x18\x02 \x01(\x0e\x32\x11.tiality.v1.Codec\x12\x13\n\x0bsample_rate\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x19\n\x11\x66rame_duration_us\x18\x05 \x01(\r\x12\x1f\n\x17\x61lgorithm_delay_samples\x18\x06 \x01(\r\x12\x13\n\x0b\x62itrate_bps\x18\x07 \x01(\r\x12\x12\n\ninband_fec\x18\x08 \x01(\x08\x12\x0b\n\x03\x64tx\x18\t \x01(\x08\x12\x13\n\x0bsender_name\x18\n \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x0b \x01(\rJ\x04\x08\x0c\x10\x10\"O\n\x0b\x41udioPacket\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\x17\n\x0f\x63\x61pture_time_ns\x18\x02 \x01(\x03\x12\x0f\n\x07payload\x18\x03 \x01(\x0cJ\x04\x08\x04\x10\x08\"\x9a\x01\n\rStreamMessage\x12*\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x18.tiality.v1.StreamFormatH\x00\x12)\n\x06packet\x18\x02 \x01(\x0b\x32\x17.tiality.v1.AudioPacketH\x00\x12*\n\x05\x63lock\x18\x03 \x01(\x0b\x32\x19.tiality.v1.ClockEstimateH\x00\x42\x06\n\x04\x62ody\"$\n\nClockProbe\x12\x16\n\x0esender_send_ns\x18\x01 \x01(\x03\"[\n\nClockReply\x12\x16\n\x0esender_send_ns\x18\x01 \x01(\x03\x12\x1b\n\x13receiver_receive_ns\x18\x02 \x01(\x03\x12\x18\n\x10receiver_send_ns\x18\x03 \x01(\x03\"J\n\rClockEstimate\x12\x11\n\toffset_ns\x18\x01 \x01(\x03\x12\x15\n\rround_trip_ns\x18\x02 \x01(\x03\x12\x0f\n\x07samples\x18\x03 \x01(\r\"\x8f\x01\n\rStreamSummary\x12\x0f\n\x07packets\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0c\n\x04lost\x18\x03 \x01(\x04\x12\x0c\n\x04late\x18\x04 \x01(\x04\x12\x11\n\tconcealed\x18\x05 \x01(\x04\x12\x12\n\nduplicates\x18\x06 \x01(\x04\x12\x15\n\rframes_played\x18\x07 \x01(\x04J\x04\x08\x08\x10\x10*.\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_OPUS\x10\x01\x32\x88\x01\n\x0b\x41udioStream\x12@\n\x06Stream\x12\x19.tiality.v1.StreamMessage\x1a\x19.tiality.v1.StreamSummary(\x01\x12\x37\n\x05\x43lock\x12\x16.tiality.v1.ClockProbe\x1a\x16.tiality.v1.ClockReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tiality_cli/net/_proto/tiality.proto\x12\ntiality.v1\"\x96\x02\n\x0cStreamFormat\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12 \n\x05\x63odec\x18\x02 \x01(\x0e\x32\x11.tiality.v1.Codec\x12\x13\n\x0bsample_rate\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x19\n\x11\x66rame_duration_us\x18\x05 \x01(\r\x12\x1f\n\x17\x61lgorithm_delay_samples\x18\x06 \x01(\r\x12\x13\n\x0b\x62itrate_bps\x18\x07 \x01(\r\x12\x12\n\ninband_fec\x18\x08 \x01(\x08\x12\x0b\n\x03\x64tx\x18\t \x01(\x08\x12\x13\n\x0bsender_name\x18\n \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x0b \x01(\rJ\x04\x08\x0c\x10\x10\"i\n\x0b\x41udioPacket\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\x17\n\x0f\x63\x61pture_time_ns\x18\x02 \x01(\x03\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x18\n\x10\x63\x61pture_delay_us\x18\x04 \x01(\rJ\x04\x08\x05\x10\x08\"\x9a\x01\n\rStreamMessage\x12*\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x18.tiality.v1.StreamFormatH\x00\x12)\n\x06packet\x18\x02 \x01(\x0b\x32\x17.tiality.v1.AudioPacketH\x00\x12*\n\x05\x63lock\x18\x03 \x01(\x0b\x32\x19.tiality.v1.ClockEstimateH\x00\x42\x06\n\x04\x62ody\"$\n\nClockProbe\x12\x16\n\x0esender_send_ns\x18\x01 \x01(\x03\"[\n\nClockReply\x12\x16\n\x0esender_send_ns\x18\x01 \x01(\x03\x12\x1b\n\x13receiver_receive_ns\x18\x02 \x01(\x03\x12\x18\n\x10receiver_send_ns\x18\x03 \x01(\x03\"J\n\rClockEstimate\x12\x11\n\toffset_ns\x18\x01 \x01(\x03\x12\x15\n\rround_trip_ns\x18\x02 \x01(\x03\x12\x0f\n\x07samples\x18\x03 \x01(\r\"\x8f\x01\n\rStreamSummary\x12\x0f\n\x07packets\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0c\n\x04lost\x18\x03 \x01(\x04\x12\x0c\n\x04late\x18\x04 \x01(\x04\x12\x11\n\tconcealed\x18\x05 \x01(\x04\x12\x12\n\nduplicates\x18\x06 \x01(\x04\x12\x15\n\rframes_played\x18\x07 \x01(\x04J\x04\x08\x08\x10\x10*.\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_OPUS\x10\x01\x32\x88\x01\n\x0b\x41udioStream\x12@\n\x06Stream\x12\x19.tiality.v1.StreamMessage\x1a\x19.tiality.v1.StreamSummary(\x01\x12\x37\n\x05\x43lock\x12\x16.tiality.v1.ClockProbe\x1a\x16.tiality.v1.ClockReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tiality_cli.net._proto.tiality_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=924
-  _globals['_CODEC']._serialized_end=970
+  _globals['_CODEC']._serialized_start=950
+  _globals['_CODEC']._serialized_end=996
   _globals['_STREAMFORMAT']._serialized_start=53
   _globals['_STREAMFORMAT']._serialized_end=331
   _globals['_AUDIOPACKET']._serialized_start=333
-  _globals['_AUDIOPACKET']._serialized_end=412
-  _globals['_STREAMMESSAGE']._serialized_start=415
-  _globals['_STREAMMESSAGE']._serialized_end=569
-  _globals['_CLOCKPROBE']._serialized_start=571
-  _globals['_CLOCKPROBE']._serialized_end=607
-  _globals['_CLOCKREPLY']._serialized_start=609
-  _globals['_CLOCKREPLY']._serialized_end=700
-  _globals['_CLOCKESTIMATE']._serialized_start=702
-  _globals['_CLOCKESTIMATE']._serialized_end=776
-  _globals['_STREAMSUMMARY']._serialized_start=779
-  _globals['_STREAMSUMMARY']._serialized_end=922
-  _globals['_AUDIOSTREAM']._serialized_start=973
-  _globals['_AUDIOSTREAM']._serialized_end=1109
+  _globals['_AUDIOPACKET']._serialized_end=438
+  _globals['_STREAMMESSAGE']._serialized_start=441
+  _globals['_STREAMMESSAGE']._serialized_end=595
+  _globals['_CLOCKPROBE']._serialized_start=597
+  _globals['_CLOCKPROBE']._serialized_end=633
+  _globals['_CLOCKREPLY']._serialized_start=635
+  _globals['_CLOCKREPLY']._serialized_end=726
+  _globals['_CLOCKESTIMATE']._serialized_start=728
+  _globals['_CLOCKESTIMATE']._serialized_end=802
+  _globals['_STREAMSUMMARY']._serialized_start=805
+  _globals['_STREAMSUMMARY']._serialized_end=948
+  _globals['_AUDIOSTREAM']._serialized_start=999
+  _globals['_AUDIOSTREAM']._serialized_end=1135
 # @@protoc_insertion_point(module_scope)

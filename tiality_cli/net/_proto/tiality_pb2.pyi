@@ -109,26 +109,32 @@ class AudioPacket(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     CAPTURE_TIME_NS_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    CAPTURE_DELAY_US_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Increments by one per frame, wrapping from 2^32-1 to 0. A gap means frames were lost
     (dropped by the sender's backlog limit, or never sent).
     """
     capture_time_ns: _builtins.int
     """Sender's wall clock (CLOCK_REALTIME, ns since the Unix epoch) when the frame's first sample
-    was captured.
+    reached the capture device's ADC (as the device reports it, not the time of the read).
     """
     payload: _builtins.bytes
     """The Opus packet (RFC 6716), exactly as the encoder produced it."""
+    capture_delay_us: _builtins.int
+    """How long the frame waited in the capture device after its last sample, in microseconds (the
+    capture-device stage of the latency breakdown). 0 from senders that do not measure it.
+    """
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         capture_time_ns: _builtins.int = ...,
         payload: _builtins.bytes = ...,
+        capture_delay_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "payload", b"payload", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_delay_us", b"capture_delay_us", "capture_time_ns", b"capture_time_ns", "payload", b"payload", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
