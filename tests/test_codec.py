@@ -48,7 +48,7 @@ def _snr(ref: npt.NDArray[np.int16], out: npt.NDArray[np.int16], delay: int) -> 
 def test_roundtrip_every_frame_size_rate_and_layout(frame_us: int, rate: int, channels: int) -> None:
     fmt = AudioFormat(rate, channels, frame_us)
     x = _signal(rate, channels, 1.2)
-    y, delay, sizes = _roundtrip(fmt, CodecConfig(bitrate=96_000), x)
+    y, delay, sizes = _roundtrip(fmt, CodecConfig(bitrate=96_000, application="restricted-lowdelay"), x)
     assert len(y) == len(x) // fmt.frame_samples * fmt.frame_samples
     assert _snr(x, y, delay) > 15.0
     assert max(sizes) < 1275
@@ -57,8 +57,8 @@ def test_roundtrip_every_frame_size_rate_and_layout(frame_us: int, rate: int, ch
 def test_bitrate_setting_shapes_the_packet_size() -> None:
     fmt = AudioFormat()
     x = _signal(48_000, 2, 2.0)
-    _, _, low = _roundtrip(fmt, CodecConfig(bitrate=32_000), x)
-    _, _, high = _roundtrip(fmt, CodecConfig(bitrate=128_000), x)
+    _, _, low = _roundtrip(fmt, CodecConfig(bitrate=32_000, application="restricted-lowdelay"), x)
+    _, _, high = _roundtrip(fmt, CodecConfig(bitrate=128_000, application="restricted-lowdelay"), x)
     kbps_low = np.mean(low) * 8 / 0.02 / 1000
     kbps_high = np.mean(high) * 8 / 0.02 / 1000
     assert 24 < kbps_low < 40

@@ -79,7 +79,7 @@ def test_levels_in_dbfs() -> None:
 
 def test_transcode_reports_the_codec_figures() -> None:
     pcm = speech_over_noise(2.0)
-    coded = transcode(pcm, FMT, CodecConfig(bitrate=64_000))
+    coded = transcode(pcm, FMT, CodecConfig(bitrate=64_000, application="restricted-lowdelay"))
     c = coded.codec
     assert coded.pcm.shape == pcm.shape
     assert c.frames == 100
@@ -92,7 +92,7 @@ def test_transcode_reports_the_codec_figures() -> None:
     lag = align(pcm, coded.pcm, 2000)
     assert lag == coded.lookahead
     assert snr_db(*trim_aligned(pcm, coded.pcm, lag)) > 10
-    low = transcode(pcm, FMT, CodecConfig(bitrate=16_000)).codec
+    low = transcode(pcm, FMT, CodecConfig(bitrate=16_000, application="restricted-lowdelay")).codec
     assert low.bitrate_kbps < c.bitrate_kbps / 2
 
 
@@ -118,7 +118,7 @@ def test_loopback_plays_back_exactly_what_it_recorded(sound_card: VirtualSoundCa
                 source,
                 sink,
                 5.0,
-                CodecConfig(bitrate=64_000),
+                CodecConfig(bitrate=64_000, application="restricted-lowdelay"),
                 lambda done_s, peak, rms: recorded.append(done_s),
                 lambda done_s, peak, rms: played.append(done_s),
             )
@@ -173,7 +173,7 @@ def test_live_latency_estimate_matches_the_echo(sound_card: VirtualSoundCard, ou
             running.set()
 
     def live() -> None:
-        outcome["result"] = run_live(source, sink, 1.5, CodecConfig(), progress)
+        outcome["result"] = run_live(source, sink, 1.5, CodecConfig(application="restricted-lowdelay"), progress)
 
     thread = threading.Thread(target=live)
     thread.start()

@@ -56,7 +56,7 @@ def encode(rate: int, channels: int, seconds: float, cfg: CodecConfig | None = N
     x = np.resize(speech, n * n_frames)
     chans = [x, 0.7 * x[::-1]][:channels]
     pcm = (np.stack(chans, axis=1) * 32767).astype(np.int16)
-    enc = OpusEncoder(fmt, cfg or CodecConfig())
+    enc = OpusEncoder(fmt, cfg or CodecConfig(application="restricted-lowdelay"))
     packets = []
     for i in range(n_frames):
         enc.input[:] = pcm[i * n : (i + 1) * n]
@@ -293,7 +293,7 @@ def _pad(packet: bytes, size: int) -> bytes:
 
 
 def test_big_packets_span_segments_and_pages(tmp_path: Path) -> None:
-    enc = encode(48_000, 2, 2.0, CodecConfig(bitrate=510_000))
+    enc = encode(48_000, 2, 2.0, CodecConfig(bitrate=510_000, application="restricted-lowdelay"))
     packets = list(enc.packets)
     packets[30] = _pad(packets[30], 140_000)  # more than two pages can hold (255 x 255 bytes each)
     assert opus_packet_samples(packets[30]) == FRAME_48K

@@ -63,7 +63,7 @@ def test_frame_sizes_layouts_and_rates_round_trip(
         f"file:{clip}",
         tmp_path / "out.wav",
         fmt,
-        CodecConfig(bitrate=128_000),
+        CodecConfig(bitrate=128_000, application="restricted-lowdelay"),
         playout=PlayoutConfig(latency_ms=60),
     )
     frames = -(-round(0.8 * rate) // fmt.frame_samples)

@@ -41,7 +41,7 @@ WALL = ManualClock().wall_offset_ns  # the ManualClock's wall clock is its monot
 TAG_HZ = tuple(400 + 200 * i for i in range(16))  # whole cycles in any Opus frame of 5 ms or more
 STEREO_48K = AudioFormat()  # the field default: 48 kHz stereo, 20 ms frames
 MONO_16K = AudioFormat(16_000, 1, 20_000)
-CELT = CodecConfig()  # the default, restricted-lowdelay: CELT only, no in-band FEC possible
+CELT = CodecConfig(application="restricted-lowdelay")  # CELT only, no in-band FEC possible
 EXACT = PlayoutConfig(drift_compensation=False)
 
 # A packet as the receiver sees it: (arrival time, 32-bit sequence number, capture wall time, payload).

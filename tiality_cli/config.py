@@ -92,7 +92,10 @@ class CodecConfig:
 
     bitrate: int = DEFAULT_BITRATE  # bits/s; Opus accepts 6000..510000
     complexity: int = 10  # 0..10; lower it on a busy Pi Zero (5 costs about half the CPU)
-    application: str = "restricted-lowdelay"  # lowest algorithmic delay (2.5 ms); 'voip' adds 4 ms
+    # 'voip' is within 0.04 PESQ-WB of the best mode at every bitrate, mono and stereo, 10 and 20 ms
+    # (docs/codec-quality.md); 'restricted-lowdelay' saves 4 ms of look-ahead but, CELT-only, loses up to
+    # 2 PESQ points on speech below 64 kbit/s per channel. Choose it only for high bitrates.
+    application: str = "voip"
     inband_fec: bool = False  # costs bitrate; helps only when packets are actually lost
     dtx: bool = False  # saves bandwidth in silence, at the cost of comfort noise
     packet_loss_perc: int = 0  # expected loss %, steers how much FEC the encoder spends

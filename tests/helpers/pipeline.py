@@ -18,6 +18,10 @@ from tiality_cli.stats import StatsSnapshot
 from tiality_cli.wavfile import WavInfo, read_wav
 
 
+# Tests that compare the waveform (SNR) use the one Opus mode that keeps it: 'voip', the default, high-passes
+# the signal (a phase shift no listener hears, but SNR does) and is judged by PESQ in tests/test_fidelity.py.
+WAVEFORM = CodecConfig(application="restricted-lowdelay")
+
 @dataclass
 class Trip:
     out: npt.NDArray[np.float32]
@@ -42,7 +46,7 @@ def stream_file(
     try:
         source = open_source(src, fmt)
         sent = Sender(
-            source, SenderConfig(Endpoint("127.0.0.1", port), codec or CodecConfig(), seconds=seconds)
+            source, SenderConfig(Endpoint("127.0.0.1", port), codec or WAVEFORM, seconds=seconds)
         ).run()
         assert rx.wait_for(streams_ended=1, timeout=10.0), "the receiver never finished the stream"
         snap = rx.snapshot()

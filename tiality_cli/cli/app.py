@@ -79,8 +79,12 @@ def send(
         int, typer.Option(help="Opus complexity 0-10 (lower saves CPU on a Pi Zero).")
     ] = 10,
     application: Annotated[
-        str, typer.Option(help="voip, audio or restricted-lowdelay.")
-    ] = "restricted-lowdelay",
+        str,
+        typer.Option(
+            help="voip (best speech quality at every bitrate), audio, or restricted-lowdelay "
+            "(4 ms less delay, much worse speech below 64 kbit/s per channel)."
+        ),
+    ] = "voip",
     fec: Annotated[
         bool, typer.Option("--fec/--no-fec", help="Opus in-band FEC (needs --expected-loss > 0).")
     ] = False,
