@@ -27,7 +27,7 @@ import numpy as np
 import pexpect
 import pytest
 
-from helpers.proxy import FaultProxy
+from tests.helpers.proxy import FaultProxy
 from tiality_cli.cli.live import KeyReader
 from tiality_cli.cli.view import (
     RECV_COLUMNS,
