@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from helpers.signals import align, find_dropouts, load_speech, trim_aligned
+from tests.helpers.signals import align, find_dropouts, load_speech, trim_aligned
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.loopback import transcode
 from tiality_cli.wavfile import read_wav, write_wav

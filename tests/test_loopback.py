@@ -173,7 +173,9 @@ def test_live_latency_estimate_matches_the_echo(sound_card: VirtualSoundCard, ou
             running.set()
 
     def live() -> None:
-        outcome["result"] = run_live(source, sink, 1.5, CodecConfig(application="restricted-lowdelay"), progress)
+        outcome["result"] = run_live(
+            source, sink, 1.5, CodecConfig(application="restricted-lowdelay"), progress
+        )
 
     thread = threading.Thread(target=live)
     thread.start()

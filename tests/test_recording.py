@@ -35,7 +35,16 @@ def start_recv(*args: str) -> tuple[subprocess.Popen[str], int]:
 
 def send(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*TIALITY, "send", f"127.0.0.1:{port}", "--json", "-q", "--application", "restricted-lowdelay", *args],
+        [
+            *TIALITY,
+            "send",
+            f"127.0.0.1:{port}",
+            "--json",
+            "-q",
+            "--application",
+            "restricted-lowdelay",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

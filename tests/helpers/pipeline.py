@@ -17,10 +17,10 @@ from tiality_cli.sender import Sender, SenderConfig, SendResult
 from tiality_cli.stats import StatsSnapshot
 from tiality_cli.wavfile import WavInfo, read_wav
 
-
 # Tests that compare the waveform (SNR) use the one Opus mode that keeps it: 'voip', the default, high-passes
 # the signal (a phase shift no listener hears, but SNR does) and is judged by PESQ in tests/test_fidelity.py.
 WAVEFORM = CodecConfig(application="restricted-lowdelay")
+
 
 @dataclass
 class Trip:
