@@ -42,7 +42,7 @@ proto: $(STAMP)
 	$(BIN)/python -m tiality_cli.net._proto.generate
 
 bench: $(STAMP) sysdeps-test
-	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python -m benchmarks.latency
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

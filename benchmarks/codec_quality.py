@@ -1,6 +1,6 @@
 """Opus speech quality per application, bitrate, channel count and frame size; writes docs/codec-quality.md.
 
-    .venv/bin/python benchmarks/codec_quality.py [--no-write]
+    .venv/bin/python -m benchmarks.codec_quality [--no-write]
 
 tests/data/speech.wav (48 kHz, about 6 s of synthetic speech) goes through tiality's own codec wrapper
 (``tiality_cli.codec.OpusEncoder`` -> ``OpusDecoder``, no network, no loss) once per combination of
@@ -54,7 +54,7 @@ I16 = npt.NDArray[np.int16]
 ROOT = Path(__file__).resolve().parent.parent
 SPEECH_WAV = ROOT / "tests" / "data" / "speech.wav"
 DOC = ROOT / "docs" / "codec-quality.md"
-COMMAND = ".venv/bin/python benchmarks/codec_quality.py"
+COMMAND = ".venv/bin/python -m benchmarks.codec_quality"
 
 RATE = 48_000
 PESQ_RATE = 16_000

@@ -1,6 +1,6 @@
 """End-to-end latency on the virtual sound card, against the devices' own floor; writes docs/performance.md.
 
-    .venv/bin/python benchmarks/latency.py [--frames 10,20] [--runs 5] [--seconds 10] [--no-write]
+    .venv/bin/python -m benchmarks.latency [--frames 10,20] [--runs 5] [--seconds 10] [--no-write]
     make bench
 
 For each frame size a click train is played into the virtual mic and timed twice, alternately, ``--runs``
@@ -22,7 +22,7 @@ cross-correlation. Per run: median and 95th percentile of the clicks' latencies,
 came out; per configuration the median over runs (the machine is noisy), and overhead = e2e - floor.
 
 The table goes between the markers in docs/performance.md (the rest of that file is prose and is kept).
-``--passthrough`` runs the floor's passthrough itself (this script starts it as a subprocess).
+``--passthrough`` runs the floor's passthrough itself (this module starts it as a subprocess).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import datetime as _datetime
 import json as _json
 import os as _os
 import platform as _platform
-import re as _re
 import signal as _signal
 import subprocess as _subprocess
 import sys as _sys
@@ -41,16 +40,16 @@ import time as _time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-ROOT = Path(__file__).resolve().parent.parent
-_sys.path.insert(0, str(ROOT / "tests"))  # the virtual sound card and signal helpers live with the tests
+from tests.helpers.processes import WAIT_S, Proc, StampedRecorder
+from tests.helpers.signals import click_train, detect_clicks
+from tests.helpers.soundcard import RATE, VirtualSoundCard, start_sound_card
 
-from helpers.signals import click_train, detect_clicks  # noqa: E402
-from helpers.soundcard import RATE, VirtualSoundCard, start_sound_card, wait_until  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- latency.py: begin -->", "<!-- latency.py: end -->"
@@ -58,7 +57,6 @@ CLICK_PERIOD_S = 0.3  # longer than any latency measured, so a click cannot be m
 CLICK_THRESHOLD = 0.15  # clicks peak at -6 dBFS (0.5); Opus keeps them well above this
 MATCH_WINDOW_S = 0.25  # a click must come out within this long of going in, or it counts as missing
 TAIL_S = 0.5  # speaker audio recorded after the last click before the programs are stopped
-WAIT_S = 20.0  # ceiling for each condition wait (a loaded 2-core machine starts Python slowly)
 QUIET_LOAD = 0.6  # per core: each run waits for the load average to fall below this ...
 QUIET_WAIT_S = 60.0  # ... but no longer than this (the load is noted either way)
 TARGET_EXTRA_MS = 15.0  # the issue's target: e2e median <= floor median + one frame + 15 ms
@@ -66,146 +64,6 @@ RECEIVER_FIELDS = ("buffer_ms", "target_ms", "latency_ms_p50", "late", "conceale
 
 I16 = npt.NDArray[np.int16]
 F64 = npt.NDArray[np.float64]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Processes and recordings
-
-
-class Proc:
-    """A subprocess whose stdout and stderr lines are collected as they arrive."""
-
-    def __init__(self, name: str, cmd: list[str], env: Mapping[str, str]) -> None:
-        self.name = name
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._changed = _threading.Condition()
-        self._open = 2
-        self.proc = _subprocess.Popen(
-            cmd, env=dict(env), stdout=_subprocess.PIPE, stderr=_subprocess.PIPE, text=True
-        )
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._readers = [
-            _threading.Thread(target=self._collect, args=(s, lines), daemon=True)
-            for s, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _collect(self, stream: IO[str], lines: list[str]) -> None:
-        for line in stream:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._open -= 1
-            self._changed.notify_all()
-
-    def wait_for(self, what: str, found: Callable[[], Any]) -> Any:
-        deadline = _time.monotonic() + WAIT_S
-        with self._changed:
-            while not (result := found()):
-                left = deadline - _time.monotonic()
-                if self._open == 0 or left <= 0:
-                    raise RuntimeError(f"{self.name}: no {what}; {self.describe()}")
-                self._changed.wait(left)
-            return result
-
-    def stderr_match(self, pattern: str) -> _re.Match[str] | None:
-        return next((m for line in self.err if (m := _re.match(pattern, line))), None)
-
-    def json_lines(self, event: str) -> list[dict[str, Any]]:
-        with self._changed:
-            lines = [line for line in self.out if line.startswith("{")]
-        return [d for d in map(_json.loads, lines) if d.get("event") == event]
-
-    def finish(self) -> dict[str, Any]:
-        """Waits for a clean exit; returns its JSON summary line."""
-        code = self.proc.wait(WAIT_S)
-        for reader in self._readers:
-            reader.join(WAIT_S)
-        summaries = self.json_lines("summary")
-        if code != 0 or len(summaries) != 1:
-            raise RuntimeError(f"{self.name}: exit {code}; {self.describe()}")
-        return summaries[0]
-
-    def interrupt(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(_signal.SIGINT)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def describe(self) -> str:
-        with self._changed:
-            tail = [*self.out[-2:], *self.err[-4:]]
-        return f"last output: {' | '.join(tail) or '(none)'}"
-
-
-class StampedRecorder:
-    """Records a monitor with ``parec`` and notes when each block arrived, to place it on the wall clock."""
-
-    def __init__(self, env: Mapping[str, str], device: str) -> None:
-        self.device = device
-        self._chunks: list[bytes] = []
-        self._ends: list[int] = []  # samples received after each block
-        self._arrivals: list[int] = []  # time.monotonic_ns() of its arrival
-        self._frames = 0
-        self._lock = _threading.Lock()
-        cmd = ["parec", f"--device={device}", "--raw", "--format=s16le", f"--rate={RATE}", "--channels=1"]
-        cmd.append("--latency-msec=10")  # small blocks: each arrival time says more
-        self._proc = _subprocess.Popen(
-            cmd, env=dict(env), stdout=_subprocess.PIPE, stderr=_subprocess.DEVNULL
-        )
-        self._thread = _threading.Thread(target=self._pump, name=f"parec {device}", daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        out = self._proc.stdout
-        assert out is not None
-        leftover = b""
-        while chunk := _os.read(out.fileno(), 1 << 16):
-            now = _time.monotonic_ns()
-            data = leftover + chunk
-            usable = len(data) - len(data) % 2
-            leftover = data[usable:]
-            with self._lock:
-                self._chunks.append(data[:usable])
-                self._frames += usable // 2
-                self._ends.append(self._frames)
-                self._arrivals.append(now)
-
-    @property
-    def frames(self) -> int:
-        with self._lock:
-            return self._frames
-
-    def wait_frames(self, frames: int) -> StampedRecorder:
-        wait_until(lambda: self.frames >= frames, WAIT_S, f"{frames} samples from {self.device}")
-        return self
-
-    def start_ns(self) -> float:
-        """time.monotonic_ns() of the first sample: earliest arrival of a usual-size block, less its start."""
-        with self._lock:
-            ends = np.array(self._ends, dtype=np.float64)
-            arrivals = np.array(self._arrivals, dtype=np.float64)
-        sizes = np.diff(ends, prepend=0.0)
-        values, counts = np.unique(sizes[1:], return_counts=True)
-        block = values[np.argmax(counts)]
-        usual = sizes == block
-        return float(np.min(arrivals[usual] - (ends[usual] - block) * 1e9 / RATE))
-
-    def stop(self) -> I16:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-        self._proc.wait(10)
-        self._thread.join(10)
-        with self._lock:
-            data = b"".join(self._chunks)
-        pcm: I16 = np.frombuffer(data, dtype="<i2").astype(np.int16)
-        return pcm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,19 +90,15 @@ class RunResult:
         return float(np.percentile(self.latencies_ms, 95)) if len(self.latencies_ms) else float("nan")
 
 
-def tiality(*args: str) -> list[str]:
-    return [_sys.executable, "-m", "tiality_cli", *args]
-
-
 def start_e2e(env: Mapping[str, str], frame_ms: float, input_uri: str, output_uri: str) -> list[Proc]:
     """tiality recv, then tiality send to its port; returns once the receiver reports packets."""
-    recv = tiality("recv", "--port", "0", "--bind", "127.0.0.1", "-o", output_uri, "--once", "--json")
-    rx = Proc("tiality recv", recv, env)
+    rx = Proc.tiality(
+        ["recv", "--port", "0", "--bind", "127.0.0.1", "-o", output_uri, "--once", "--json"], env
+    )
     procs = [rx]
     try:
-        m = rx.wait_for("port", lambda: rx.stderr_match(r"tiality recv: listening on port (\d+),"))
-        send = tiality("send", f"127.0.0.1:{m[1]}", "-i", input_uri, "--frame-ms", f"{frame_ms:g}", "--json")
-        procs.insert(0, Proc("tiality send", send, env))
+        send = ["send", f"127.0.0.1:{rx.port()}", "-i", input_uri, "--frame-ms", f"{frame_ms:g}", "--json"]
+        procs.insert(0, Proc.tiality(send, env))
         rx.wait_for("stream", lambda: any(d["packets"] > 0 for d in rx.json_lines("stats")))
     except BaseException as exc:
         for p in procs:
@@ -256,9 +110,9 @@ def start_e2e(env: Mapping[str, str], frame_ms: float, input_uri: str, output_ur
 
 
 def start_floor(env: Mapping[str, str], frame_ms: float, input_uri: str, output_uri: str) -> list[Proc]:
-    """This script's --passthrough; returns once it has settled (its first trim)."""
-    cmd = [_sys.executable, __file__, "--passthrough", "-i", input_uri, "-o", output_uri]
-    p = Proc("passthrough", [*cmd, "--frame-ms", f"{frame_ms:g}"], env)
+    """This module's --passthrough (run from the repository root); returns once it has settled."""
+    cmd = [_sys.executable, "-m", "benchmarks.latency", "--passthrough", "-i", input_uri, "-o", output_uri]
+    p = Proc("passthrough", [*cmd, "--frame-ms", f"{frame_ms:g}"], env, cwd=ROOT)
     try:
         p.wait_for("'playing' line", lambda: p.stderr_match(r"passthrough: playing"))
     except BaseException:
@@ -274,8 +128,8 @@ def measure(
     env = card.process_env()
     clicks = click_train(RATE, CLICK_PERIOD_S, max(1, round(seconds / CLICK_PERIOD_S)), start_s=0.1)
     pcm = np.round(clicks.signal[:, 0] * 32767).astype(np.int16)
-    mic = StampedRecorder(env, "mic.monitor").wait_frames(1)
-    spk = StampedRecorder(env, "spk.monitor").wait_frames(1)
+    mic = StampedRecorder(env, "mic.monitor", channels=1).wait_frames(1)
+    spk = StampedRecorder(env, "spk.monitor", channels=1).wait_frames(1)
     procs: list[Proc] = []
     try:
         procs = (start_e2e if mode == "e2e" else start_floor)(env, frame_ms, input_uri, output_uri)
@@ -289,7 +143,7 @@ def measure(
     finally:
         for p in procs:
             p.kill()
-        heard_in, heard_out = mic.stop(), spk.stop()
+        heard_in, heard_out = mic.stop()[:, 0], spk.stop()[:, 0]
     went_in = detect_clicks(heard_in, RATE, CLICK_THRESHOLD, min_gap_s=CLICK_PERIOD_S / 2)
     came_out = detect_clicks(heard_out, RATE, CLICK_THRESHOLD, min_gap_s=CLICK_PERIOD_S / 2)
     if len(went_in) != len(clicks.onsets):
@@ -581,7 +435,7 @@ def _run_text(cmd: list[str]) -> str:
 
 
 def report(rows: list[Row], argv: list[str], seconds: float, runs: int, notes: list[str]) -> list[str]:
-    command = " ".join([".venv/bin/python benchmarks/latency.py", *argv]).strip()
+    command = " ".join([".venv/bin/python -m benchmarks.latency", *argv]).strip()
     date = _datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return [
         f"Measured {date} with `{command}`: {runs} run(s) of each configuration, {seconds:g} s of clicks "
@@ -608,7 +462,7 @@ SKELETON = f"""# Performance
 
 ## End-to-end latency
 
-Written by `benchmarks/latency.py` (`make bench`); see its docstring for the method.
+Written by `python -m benchmarks.latency` (`make bench`); see its docstring for the method.
 
 {BEGIN}
 {END}

@@ -1,7 +1,7 @@
 """CPU cost of the live views at their refresh rate (4 Hz), as a % of one core; writes docs/stats.md.
 
-    .venv/bin/python benchmarks/view_cpu.py [--seconds 30] [--senders 1,4] [--width 120] [--no-write]
-    .venv/bin/python benchmarks/view_cpu.py --e2e [--seconds 30]      # whole processes, see below
+    .venv/bin/python -m benchmarks.view_cpu [--seconds 30] [--senders 1,4] [--width 120] [--no-write]
+    .venv/bin/python -m benchmarks.view_cpu --e2e [--seconds 30]      # whole processes, see below
 
 For each number of senders, two phases of ``--seconds`` each run in this process, one after the other,
 on the same 4 Hz absolute schedule:
@@ -40,15 +40,14 @@ from collections.abc import Callable
 from pathlib import Path as _Path
 from typing import Any
 
+from rich.console import Console, RenderableType
+from rich.live import Live
+
+from tiality_cli.cli.view import RecvMonitor, SendMonitor, recv_view, send_view
+from tiality_cli.receiver import SessionView
+from tiality_cli.stats import StatsSnapshot
+
 _ROOT = _Path(__file__).resolve().parent.parent
-_sys.path.insert(0, str(_ROOT))
-
-from rich.console import Console, RenderableType  # noqa: E402
-from rich.live import Live  # noqa: E402
-
-from tiality_cli.cli.view import RecvMonitor, SendMonitor, recv_view, send_view  # noqa: E402
-from tiality_cli.receiver import SessionView  # noqa: E402
-from tiality_cli.stats import StatsSnapshot  # noqa: E402
 
 REFRESH_S = 0.25
 _DOC = _ROOT / "docs" / "stats.md"
@@ -272,7 +271,7 @@ def main() -> None:
 
     table = [
         _BEGIN,
-        f"Measured with `benchmarks/view_cpu.py --seconds {args.seconds:g} --width {args.width}` on "
+        f"Measured with `python -m benchmarks.view_cpu --seconds {args.seconds:g} --width {args.width}` on "
         f"{_platform.machine()}, Python {_platform.python_version()}, {_cpu_name()}:",
         "",
         "| view | baseline (loop only) | with the view | view's cost | one refresh |",

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers.soundcard import SoundCardError, VirtualSoundCard, reinit_portaudio, start_sound_card
+from tests.helpers.soundcard import SoundCardError, VirtualSoundCard, reinit_portaudio, start_sound_card
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -7,37 +7,31 @@ played is recorded from spk.monitor and compared with what went in: by segmental
 against both programs' JSON summaries. The end-to-end latency is printed (``pytest -s``).
 
 Timing. Both null sinks render on the sound server's one clock, but each recording starts at its own
-moment. A StampedRecorder notes when each block of a monitor reaches it: a null sink hands a block to its
-monitor as it starts rendering it, so the earliest (arrival - block start) over a recording's blocks is
-the wall time of its first sample, to about half a millisecond (checked against an echo round one sink,
-whose period needs no clock). The latency is when a sample left the speaker minus when it entered the mic.
+moment. A StampedRecorder (tests/helpers/processes.py) notes when each block of a monitor reaches it: a
+null sink hands a block to its monitor as it starts rendering it, so the earliest (arrival - block start)
+over a recording's blocks is the wall time of its first sample, to about half a millisecond (checked
+against an echo round one sink, whose period needs no clock). The latency is when a sample left the
+speaker minus when it entered the mic.
 
 Timeline. The receiver starts a stream a few milliseconds over its buffer target and pulls the excess
 back by resampling (up to 0.2 % early on), and may skip or insert a whole frame: over 6 s of speech the
-received timeline slides by up to about 10 ms, too far for helpers.signals.follow_warp (made for a few
+received timeline slides by up to about 10 ms, too far for tests.helpers.signals.follow_warp (made for a few
 samples). So the recording is tracked block by block (a skipped or inserted frame becomes a step, placed
 where it fits best) and re-timed onto the input before it is compared.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from helpers.signals import (
+from tests.helpers.processes import WAIT_S, Proc, StampedRecorder
+from tests.helpers.signals import (
     align,
     find_dropouts,
     load_speech,
@@ -46,7 +40,7 @@ from helpers.signals import (
     snr_db,
     white_noise,
 )
-from helpers.soundcard import RATE, VirtualSoundCard, wait_until
+from tests.helpers.soundcard import RATE, VirtualSoundCard
 
 pytestmark = [pytest.mark.soundcard, pytest.mark.slow]
 
@@ -72,169 +66,6 @@ RECEIVER_FIGURES = (
     "drift_ppm",
     "underruns",
 )
-STARTUP_S = 20.0  # ceiling for each condition wait (a loaded 2-core machine starts Python slowly)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Processes and recordings
-
-
-class Tiality:
-    """A ``tiality`` subprocess whose stdout and stderr lines are collected as they arrive."""
-
-    def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
-        self.args = args
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._changed = threading.Condition()
-        self._open_streams = 2
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiality_cli", *args],
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._readers = [
-            threading.Thread(target=self._collect, args=(stream, lines), daemon=True)
-            for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _collect(self, stream: IO[str], lines: list[str]) -> None:
-        for line in stream:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._open_streams -= 1
-            self._changed.notify_all()
-
-    def wait_for(self, what: str, found: Callable[[], Any], timeout_s: float = STARTUP_S) -> Any:
-        """Waits until ``found()`` returns something truthy (checked on each new line); returns it."""
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while not (result := found()):
-                left = deadline - time.monotonic()
-                if self._open_streams == 0 or left <= 0:
-                    raise AssertionError(f"tiality {self.args[0]}: no {what}; {self.describe()}")
-                self._changed.wait(left)
-            return result
-
-    def port(self) -> int:
-        """The port from ``tiality recv: listening on port N, ...`` (always on stderr)."""
-
-        def match() -> int:
-            for line in self.err:
-                if m := re.match(r"tiality recv: listening on port (\d+),", line):
-                    return int(m[1])
-            return 0
-
-        port: int = self.wait_for("'listening on port' line", match)
-        return port
-
-    def json_lines(self, event: str | None = None) -> list[dict[str, Any]]:
-        with self._changed:
-            lines = list(self.out)
-        parsed = [json.loads(line) for line in lines if line.startswith("{")]
-        return [d for d in parsed if event is None or d.get("event") == event]
-
-    def finish(self, timeout_s: float = STARTUP_S) -> dict[str, Any]:
-        """Waits for a clean exit; returns the JSON summary line."""
-        code = self.proc.wait(timeout_s)
-        for reader in self._readers:
-            reader.join(timeout_s)
-        assert code == 0, f"tiality {self.args[0]} exited {code}; {self.describe()}"
-        summaries = self.json_lines("summary")
-        assert len(summaries) == 1, self.describe()
-        return summaries[0]
-
-    def describe(self) -> str:
-        with self._changed:
-            tail = [*self.out[-3:], *self.err[-5:]]
-        return f"exit {self.proc.poll()}, last output: {' | '.join(tail) or '(none)'}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-class StampedRecorder:
-    """Records a monitor with ``parec`` and notes when each block arrived, to place it on the wall clock."""
-
-    def __init__(self, env: Mapping[str, str], device: str, channels: int = 2) -> None:
-        self.device = device
-        self.channels = channels
-        self._chunks: list[bytes] = []
-        self._ends: list[int] = []  # samples per channel received after each chunk
-        self._arrivals: list[int] = []  # time.monotonic_ns() when it arrived
-        self._frames = 0
-        self._lock = threading.Lock()
-        cmd = [
-            "parec",
-            f"--device={device}",
-            "--raw",
-            "--format=s16le",
-            f"--rate={RATE}",
-            f"--channels={channels}",
-            "--latency-msec=10",  # small blocks: each arrival time says more
-        ]
-        self._proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self._thread = threading.Thread(target=self._pump, name=f"parec {device}", daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        out = self._proc.stdout
-        assert out is not None
-        leftover = b""
-        size = 2 * self.channels
-        while chunk := os.read(out.fileno(), 1 << 16):
-            now = time.monotonic_ns()
-            data = leftover + chunk
-            usable = len(data) - len(data) % size
-            leftover = data[usable:]
-            with self._lock:
-                self._chunks.append(data[:usable])
-                self._frames += usable // size
-                self._ends.append(self._frames)
-                self._arrivals.append(now)
-
-    @property
-    def frames(self) -> int:
-        with self._lock:
-            return self._frames
-
-    def wait_frames(self, frames: int, timeout_s: float = STARTUP_S) -> StampedRecorder:
-        wait_until(lambda: self.frames >= frames, timeout_s, f"{frames} samples from {self.device}")
-        return self
-
-    def start_ns(self) -> float:
-        """time.monotonic_ns() of the recording's first sample.
-
-        Only blocks of the usual size count (a block split or merged on its way has no clean start), and
-        of those the earliest arrival relative to its start: the one that met no scheduling delay.
-        """
-        with self._lock:
-            ends = np.array(self._ends, dtype=np.float64)
-            arrivals = np.array(self._arrivals, dtype=np.float64)
-        sizes = np.diff(ends, prepend=0.0)
-        values, counts = np.unique(sizes[1:], return_counts=True)
-        block = values[np.argmax(counts)]
-        usual = sizes == block
-        return float(np.min(arrivals[usual] - (ends[usual] - block) * 1e9 / RATE))
-
-    def stop(self) -> I16:
-        """Ends the recording; returns it, shape (frames, channels)."""
-        self._proc.terminate()
-        self._proc.wait(10)
-        self._thread.join(10)
-        with self._lock:
-            data = b"".join(self._chunks)
-        pcm: I16 = np.frombuffer(data, dtype="<i2").astype(np.int16).reshape(-1, self.channels)
-        return pcm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,32 +193,34 @@ class Run:
 
 
 @pytest.fixture
-def spawned() -> Iterator[list[Tiality]]:
+def spawned() -> Iterator[list[Proc]]:
     """Processes a test starts; any still running at the end are killed."""
-    procs: list[Tiality] = []
+    procs: list[Proc] = []
     yield procs
     for p in procs:
         p.kill()
 
 
 def run_pipeline(
-    card: VirtualSoundCard, spawned: list[Tiality], signal_in: I16, input_uri: str, output_uri: str
+    card: VirtualSoundCard, spawned: list[Proc], signal_in: I16, input_uri: str, output_uri: str
 ) -> Run:
     env = card.process_env()
-    rx = Tiality(["recv", "--port", "0", "--bind", "127.0.0.1", "-o", output_uri, "--once", "--json"], env)
+    rx = Proc.tiality(
+        ["recv", "--port", "0", "--bind", "127.0.0.1", "-o", output_uri, "--once", "--json"], env
+    )
     spawned.append(rx)
     port = rx.port()
     mic = StampedRecorder(env, "mic.monitor").wait_frames(1)
     speaker = StampedRecorder(env, "spk.monitor").wait_frames(1)
     try:
         # --seconds is a safety net only: the sender is stopped (SIGINT, as Ctrl-C) once the tail is in.
-        tx = Tiality(["send", f"127.0.0.1:{port}", "-i", input_uri, "--seconds", "60", "--json"], env)
+        tx = Proc.tiality(["send", f"127.0.0.1:{port}", "-i", input_uri, "--seconds", "60", "--json"], env)
         spawned.append(tx)
         rx.wait_for("stream", lambda: any(d["packets"] > 0 for d in rx.json_lines("stats")))
         player = card.play_into_mic(signal_in)
-        assert player.wait(STARTUP_S + len(signal_in) / RATE) == 0
+        assert player.wait(WAIT_S + len(signal_in) / RATE) == 0
         speaker.wait_frames(speaker.frames + round(TAIL_S * RATE))
-        tx.proc.send_signal(signal.SIGINT)
+        tx.interrupt()
         sent = tx.finish()
         received = rx.finish()  # --once: it exits when the stream has ended
         return Run(sent, received, mic.stop(), speaker.stop(), mic.start_ns(), speaker.start_ns())
@@ -406,7 +239,7 @@ def run_pipeline(
 )
 def test_speech_through_real_devices_and_processes(
     sound_card: VirtualSoundCard,
-    spawned: list[Tiality],
+    spawned: list[Proc],
     input_uri: str,
     output_uri: str,
     max_latency_ms: float,

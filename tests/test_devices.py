@@ -20,8 +20,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from helpers.signals import align, correlation, find_dropouts, snr_db, trim_aligned, white_noise
-from helpers.soundcard import RATE, VirtualSoundCard, wait_until
+from tests.helpers.signals import align, correlation, find_dropouts, snr_db, trim_aligned, white_noise
+from tests.helpers.soundcard import RATE, VirtualSoundCard, wait_until
 from tiality_cli.cli.devices import register
 from tiality_cli.clock import SYSTEM_CLOCK
 from tiality_cli.config import AudioFormat

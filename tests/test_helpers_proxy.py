@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers.proxy import FaultProxy
+from tests.helpers.proxy import FaultProxy
 
 TIMEOUT = 5.0  # every blocking step fails after this instead of hanging the suite
 

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from helpers.signals import (
+from tests.helpers.signals import (
     SPEECH_RATE,
     align,
     click_train,

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from helpers.proxy import FaultProxy
-from helpers.waiting import wait_until
+from tests.helpers.proxy import FaultProxy
+from tests.helpers.waiting import wait_until
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.errors import ConnectError, RejectedError

@@ -39,6 +39,15 @@ def test_missing_frame_pops_as_none_and_a_later_arrival_is_late() -> None:
     assert jb.pop() == (b"b", 1)
 
 
+def test_the_frame_before_the_first_is_late_not_a_duplicate() -> None:
+    # Unwrapped, the packet before sequence 0 (2**32 - 1, reordered) is -1: the empty slots' marker.
+    jb = JitterBuffer(16)
+    jb.reset(0)
+    assert jb.put(0, b"a", 0) is Put.STORED
+    assert jb.pop() == (b"a", 0)
+    assert jb.put(-1, b"z", 0) is Put.LATE
+
+
 def test_duplicates_are_detected_before_and_after_playout() -> None:
     jb = JitterBuffer(16)
     jb.reset(5)

@@ -21,7 +21,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from helpers.signals import (
+from tests.helpers.signals import (
     align,
     click_train,
     correlation,
@@ -32,7 +32,7 @@ from helpers.signals import (
     trim_aligned,
     white_noise,
 )
-from helpers.soundcard import RATE, VirtualSoundCard
+from tests.helpers.soundcard import RATE, VirtualSoundCard
 from tiality_cli.cli.devices import level_meter, register
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.io.sinks import open_sink

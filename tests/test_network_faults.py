@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.proxy import FaultProxy
-from helpers.waiting import wait_until
+from tests.helpers.proxy import FaultProxy
+from tests.helpers.waiting import wait_until
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.io.files import NullSink
 from tiality_cli.io.sources import open_source

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from helpers.signals import align, correlation, load_speech
+from tests.helpers.signals import align, correlation, load_speech
 from tiality_cli.codec import OpusDecoder, OpusEncoder
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.errors import ConfigError

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.pipeline import stream_file
-from helpers.signals import (
+from tests.helpers.pipeline import stream_file
+from tests.helpers.signals import (
     SPEECH_WAV,
     align,
     chunked_snr_db,

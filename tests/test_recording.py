@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.signals import SPEECH_WAV, align, chunked_snr_db, correlation, load_speech, trim_aligned
+from tests.helpers.signals import SPEECH_WAV, align, chunked_snr_db, correlation, load_speech, trim_aligned
 from tiality_cli.wavfile import read_wav
 
 TIALITY = [sys.executable, "-m", "tiality_cli"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.waiting import wait_until
+from tests.helpers.waiting import wait_until
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.errors import RejectedError
 from tiality_cli.io.files import NullSink

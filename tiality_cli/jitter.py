@@ -75,7 +75,7 @@ class JitterBuffer:
         if seq < self.next_seq:
             if seq <= self.next_seq - self.capacity:
                 return Put.TOO_FAR
-            if self._seq[i] == seq:
+            if self._seq[i] == seq and self._state[i] != _EMPTY:  # (an empty slot's -1 is no sequence)
                 if self._state[i] != _MISSED:
                     return Put.DUPLICATE  # played, or a copy of a packet that already came late
                 self._state[i] = _LATE

@@ -63,6 +63,7 @@ FLL_MIN_GAIN = 0.02  # its gain falls as 1/n to this floor: it averages, then tr
 FLOOR_WINDOW_S = 2.0  # m's window: enough packets to find the floor, and a route change's new one in 2 s
 MAX_RATIO_DEV = 0.002  # clamp on drift and on the P term: 0.2 % is 3.5 cents, inaudible
 SINK_WINDOW_S = 0.5  # how much of the sink's audio its timeline is fitted over (see _sink_time)
+CAPTURE_LIMIT = 2**63  # capture times are kept in int64: one beyond it (a hostile clock) counts as unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +281,8 @@ class StreamPlayout:
     # ---- network thread -------------------------------------------------------------------------------
     def push(self, seq: int, capture_ns: int, payload: bytes) -> None:
         """Queues a packet as it arrives (any thread; stamps its arrival time now)."""
+        if not -CAPTURE_LIMIT <= capture_ns < CAPTURE_LIMIT:
+            capture_ns = 0  # unknown: no latency figure from it
         self._inbox.append((seq, capture_ns, payload, self.clock.monotonic_ns()))
 
     def end(self) -> None:
