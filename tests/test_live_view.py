@@ -3,7 +3,7 @@
 A small terminal emulator (``Screen``) replays what the command writes (text, cursor moves, erases),
 so the tests read the screen as drawn, not the stream of escape codes. Figures on the screen are
 compared with the counters of a stream with known loss (a stalled link makes the sender drop audio),
-and the keys are pressed as a user would.
+and the keys are pressed as a user would; what the volume keys do is measured in the audio played.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import pexpect
 import pytest
 
 from tests.helpers.proxy import FaultProxy
+from tests.helpers.waiting import wait_until
 from tiality_cli.cli.live import KeyReader
 from tiality_cli.cli.view import (
     RECV_COLUMNS,
@@ -39,7 +41,7 @@ from tiality_cli.cli.view import (
     step_volume_db,
 )
 from tiality_cli.stats import StatsSnapshot
-from tiality_cli.wavfile import read_wav
+from tiality_cli.wavfile import WavWriter, read_wav
 
 T = TypeVar("T")
 ROWS, COLS = 40, 120
@@ -361,6 +363,29 @@ def test_recv_view_shows_the_figures_of_a_stream_with_known_loss(
     assert "keys:" not in screen  # the live view is gone (transient), the summary replaced it
 
 
+BLOCK = 1200  # 25 ms at 48 kHz: exactly 11 periods of 440 Hz, so a steady tone's block RMS is constant
+STEADY_BLOCKS = 3  # a level change counts once it lasts this long (a concealed frame spans 1 or 2 blocks)
+
+
+def block_levels_db(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """RMS level of each whole BLOCK of ``audio`` (channels averaged), dBFS; -inf for digital silence."""
+    mono = audio.astype(np.float64).mean(axis=1)
+    blocks = mono[: len(mono) // BLOCK * BLOCK].reshape(-1, BLOCK)
+    rms = np.sqrt(np.mean(blocks**2, axis=1))
+    with np.errstate(divide="ignore"):
+        db: npt.NDArray[np.float64] = 20 * np.log10(rms * math.sqrt(2))  # a full-scale sine is 0 dBFS
+    return db
+
+
+def first_steady(db: npt.NDArray[np.float64], cond: npt.NDArray[np.bool_], start: int, what: str) -> int:
+    """The first block from ``start`` where ``cond`` holds for STEADY_BLOCKS blocks in a row."""
+    for i in range(start, len(cond) - STEADY_BLOCKS + 1):
+        if cond[i : i + STEADY_BLOCKS].all():
+            return i
+    levels = " ".join(f"{x:.1f}" for x in db[start:])
+    raise AssertionError(f"{what}: not found from block {start} on; the levels (dBFS) there: {levels}")
+
+
 def test_keys_mute_and_change_the_volume_and_q_quits(
     terminals: Callable[[list[str]], Terminal], tmp_path: Path
 ) -> None:
@@ -370,20 +395,33 @@ def test_keys_mute_and_change_the_volume_and_q_quits(
     term = terminals(["/bin/sh", "-c", shell])
     port = listening_port(term)
     term.wait_for(lambda s: "volume +0 dB" in s, 10, "the view")
-    tx = sender(port, 3)
+    tx = sender(port, 60)  # stopped (SIGINT) once every step has been heard; 60 s is a safety net
+
+    def heard_s() -> float:
+        """Seconds of audio in the file so far (its write buffer may hold back up to ~40 ms more)."""
+        size = wav.stat().st_size if wav.exists() else 0
+        return max(0, size - WavWriter.HEADER_BYTES) / (48_000 * 2 * 2)
+
+    def play_on(what: str, seconds: float = 0.5) -> None:
+        """Waits until ``seconds`` more of the stream have been played (written) at the present setting.
+
+        Played, not received: on a busy machine the file sink falls behind and catches up in a burst.
+        """
+        until = heard_s() + seconds
+        wait_until(lambda: heard_s() >= until, 10, f"{seconds:g} s more of the stream at {what}")
+
     try:
-        term.wait_for(
-            lambda s: int((table_figures(s, "127.0.0.1:") or {}).get("packets") or 0) >= 50,
-            10,
-            "a second of the stream to play unmuted",
-        )
+        play_on("+0 dB", 1.0)
         term.press("+")
-        term.press("+")
-        term.wait_for(lambda s: "volume +6 dB" in s, 5, "+6 dB")
+        term.wait_for(lambda s: "volume +3 dB" in s, 5, "+3 dB")
+        play_on("+3 dB")
         term.press("---")
-        term.wait_for(lambda s: "volume -3 dB" in s and "MUTED" not in s, 5, "-3 dB")
+        term.wait_for(lambda s: "volume -6 dB" in s and "MUTED" not in s, 5, "-6 dB")
+        play_on("-6 dB")
         term.press("m")
-        term.wait_for(lambda s: "MUTED (volume -3 dB)" in s, 5, "MUTED")
+        term.wait_for(lambda s: "MUTED (volume -6 dB)" in s, 5, "MUTED")
+        play_on("muted")
+        tx.proc.send_signal(signal.SIGINT)
         summary = tx.until(lambda d: d["event"] == "summary", 15, "the sender's summary")
     finally:
         tx.kill()
@@ -402,12 +440,32 @@ def test_keys_mute_and_change_the_volume_and_q_quits(
     term.exit_status(10)
 
     audio, info = read_wav(wav)
-    frames = int(summary["receiver_frames_played"]) * 960
     # The whole stream, including what was played muted (the file sink may keep one 5 ms block more
     # or less than whole frames, as test_cli's back-to-back streams show).
-    assert abs(info.frames - frames) <= 240
-    assert np.abs(audio[: info.sample_rate // 2]).max() > 0.05  # the tone, before the mute
-    assert not audio[-info.sample_rate // 2 :].any()  # muted: the last half second is silence
+    assert abs(info.frames - int(summary["receiver_frames_played"]) * 960) <= 240
+    # Where each key took effect, found by level: the tone at +0 dB (after the decoder's first blocks),
+    # up 3 dB, down to -6 dB, then digital silence to the end of the file.
+    db = block_levels_db(audio)
+    start = 4
+    base = float(np.median(db[start : start + 8]))
+    assert -13.0 < base < -11.0, f"the tone at -12 dBFS, not {base:.1f} dBFS"
+    # Thresholds halfway between the settings.
+    up = first_steady(db, db > base + 1.5, start, "the tone 3 dB louder (+)")
+    down = first_steady(db, db < base - 4.5, up + STEADY_BLOCKS, "the tone at -6 dB (---)")
+    mute = first_steady(db, db < -80.0, down + STEADY_BLOCKS, "silence (m)")
+    levels = {  # each step's median level, leaving out the block on either side of each change
+        "+0 dB": np.median(db[start : up - 1]) - base,
+        "+3 dB": np.median(db[up + 1 : down - 1]) - base,
+        "-6 dB": np.median(db[down + 1 : mute - 1]) - base,
+    }
+    found = ", ".join(f"{k} at {v:+.2f} dB" for k, v in levels.items())
+    found += f"; changes at blocks {up}, {down}, {mute} of {len(db)} ({BLOCK} samples each)"
+    assert min(up - start, down - up, mute - down) >= 16, found  # each setting was heard for 0.4 s or more
+    assert abs(levels["+3 dB"] - 3.0) <= 0.5 and abs(levels["-6 dB"] + 6.0) <= 0.5, found
+    # Muted: exact zeros from the block after the one the mute fell in to the end (half a second or
+    # more was played muted before the sender stopped).
+    muted = audio[(mute + 1) * BLOCK :]
+    assert len(muted) >= info.sample_rate // 4 and not muted.any(), found
 
 
 def test_without_a_keyboard_the_view_runs_and_stdin_is_left_alone(
