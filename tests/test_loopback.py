@@ -28,23 +28,15 @@ from helpers.signals import (
     detect_clicks,
     load_speech,
     snr_db,
-    tone,
     trim_aligned,
     white_noise,
 )
 from helpers.soundcard import RATE, VirtualSoundCard
-from tiality_cli.cli.devices import level_meter, register
+from tiality_cli.cli.devices import register
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.io.sinks import open_sink
 from tiality_cli.io.sources import open_source
-from tiality_cli.loopback import (
-    SILENCE_DBFS,
-    LoopbackResult,
-    levels,
-    run_live,
-    run_loopback,
-    transcode,
-)
+from tiality_cli.loopback import LoopbackResult, run_live, run_loopback, transcode
 
 FMT = AudioFormat(RATE, 2, 20_000)
 I16 = npt.NDArray[np.int16]
@@ -66,15 +58,6 @@ def speech_over_noise(seconds: float) -> I16:
 
 # ----------------------------------------------------------------------------------------------------
 # pure parts
-
-
-def test_levels_in_dbfs() -> None:
-    sine = to_int16(tone(1000, 0.1, RATE, level_dbfs=-6.0))
-    peak, rms = levels(sine)
-    assert peak == pytest.approx(-6.0, abs=0.01)
-    assert rms == pytest.approx(-9.01, abs=0.02)  # a sine's RMS is 3 dB below its peak
-    assert levels(np.zeros((960, 2), dtype=np.int16)) == (SILENCE_DBFS, SILENCE_DBFS)
-    assert level_meter(peak, rms, width=10) == "[yellow]████████[/][dim]··[/] peak   -6.0 dBFS"
 
 
 def test_transcode_reports_the_codec_figures() -> None:
