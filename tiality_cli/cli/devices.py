@@ -251,6 +251,7 @@ def result_table(result: LoopbackResult) -> Table:
         )
     if result.mode == "live":
         rows.append(("starved / dropped frames", f"{result.starved_frames} / {result.dropped_frames}"))
+        rows.append(("mic clock against speaker", f"{result.drift_ppm:+.0f} ppm"))
     for name, value in rows:
         t.add_row(name, value)
     return t
