@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers.soundcard import VirtualSoundCard
+from tests.helpers.soundcard import VirtualSoundCard
 from tiality_cli.clock import SYSTEM_CLOCK
 from tiality_cli.config import AudioFormat
 from tiality_cli.io.base import Freshness
