@@ -1,37 +1,17 @@
 """The jitter buffer: packets placed by sequence number, reordered, de-duplicated. Pure: no clock, no I/O.
 
-Wire sequence numbers are 32-bit and wrap; ``SeqUnwrapper`` extends them to unbounded ints relative to
-the highest seen (as RTP receivers do), so everything past it compares plainly. The buffer is a
-power-of-two ring indexed by ``seq % capacity``; each slot remembers which sequence it last held and
-whether that frame was played or concealed, which is how a late packet is told from a duplicate.
+Wire sequence numbers are 32-bit and wrap; ``SeqUnwrapper`` (from ``tiality_cli.seq``, the one home of
+that arithmetic) extends them to unbounded ints relative to the highest seen, so everything here
+compares plainly. The buffer is a power-of-two ring indexed by ``seq % capacity``; each slot remembers
+which sequence it last held and whether that frame was played or concealed, which is how a late packet
+is told from a duplicate.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
 
-SEQ_BITS = 32
-_SEQ_MOD = 1 << SEQ_BITS
-_SEQ_HALF = 1 << (SEQ_BITS - 1)
-
-
-class SeqUnwrapper:
-    """Extends wrapping 32-bit sequence numbers to ints that keep increasing across the wrap."""
-
-    def __init__(self) -> None:
-        self.highest: int | None = None
-
-    def unwrap(self, seq: int) -> int:
-        if self.highest is None:
-            ext = seq
-        else:
-            delta = (seq - self.highest) % _SEQ_MOD
-            if delta >= _SEQ_HALF:
-                delta -= _SEQ_MOD
-            ext = self.highest + delta
-        if self.highest is None or ext > self.highest:
-            self.highest = ext
-        return ext
+from tiality_cli.seq import SeqUnwrapper as SeqUnwrapper  # re-exported: the buffer's users unwrap with it
 
 
 class Put(IntEnum):

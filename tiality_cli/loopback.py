@@ -5,14 +5,17 @@
     play(sink, pcm, fmt, progress) -> Playback                    an array through a sink, device-clocked
     run_loopback(source, sink, seconds, codec, ...) -> LoopbackResult     record, transcode, then play
     run_live(source, sink, seconds, codec, ...) -> LoopbackResult         source -> Opus -> sink, live
-    levels(pcm) -> (peak_dbfs, rms_dbfs)
 
 No typer or rich here: ``cli/devices.py`` shows progress through the ``progress`` callbacks, which get
 (seconds done, peak dBFS, RMS dBFS of the latest frame) on the caller's thread, never on an audio one.
-In live mode a capture thread encodes and decodes each frame into a small ring that the sink's ``fill``
-drains, once a frame has waited LIVE_MARGIN_US (a margin for capture jitter); the latency is the
-frame's capture time to the moment its first sample reaches the output (the time of ``fill`` plus the
-device's reported output delay).
+Levels come from ``tiality_cli.stats``.
+
+Live mode is the receiver's playout on one machine: a capture thread encodes each frame and pushes the
+packet into a ``StreamPlayout``, which the sink's ``fill`` pulls as ``Receiver.fill`` does. So the
+microphone and the speaker may run on different clocks (they do, unless they are one card): the engine
+measures the drift and resamples for it, and holds its buffer at the capture jitter it sees. The
+latency is a frame's capture time to the moment its first sample reaches the output (when the engine
+hands it to ``fill``, plus the device's reported output delay).
 """
 
 from __future__ import annotations
@@ -31,28 +34,15 @@ from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.codec import OpusDecoder, OpusEncoder
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.errors import SinkError, SourceError
-from tiality_cli.io.base import Sink, Source
+from tiality_cli.io.base import STALL_S, Sink, Source, to_int16
+from tiality_cli.playout import PlayoutConfig, StreamPlayout
+from tiality_cli.stats import LevelMeter, ReceiverStats, Window, levels
 
 ProgressFn = Callable[[float, float, float], None]  # (seconds done, peak dBFS, RMS dBFS)
-SILENCE_DBFS = -120.0  # the level reported for digital silence (JSON has no -inf)
-LIVE_QUEUE_MAX = 3  # decoded frames waiting for the sink before the oldest is dropped (latency cap)
-LIVE_MARGIN_US = 10_000  # live: a frame waits this long before playback starts, so capture jitter of
-# up to 10 ms does not starve the sink (a 5 ms-period sink starved about once a second without it)
 _PROGRESS_S = 0.1  # how often play() and run_live() report progress
-
-
-def levels(pcm: npt.NDArray[np.int16]) -> tuple[float, float]:
-    """(peak, RMS) of int16 audio in dBFS (full scale = 32768); SILENCE_DBFS for silence."""
-    if pcm.size == 0:
-        return SILENCE_DBFS, SILENCE_DBFS
-    x = pcm.astype(np.float64)
-    peak = float(np.max(np.abs(x)))
-    rms = math.sqrt(float(np.mean(x * x)))
-    return _dbfs(peak), _dbfs(rms)
-
-
-def _dbfs(value: float) -> float:
-    return max(SILENCE_DBFS, 20 * math.log10(value / 32768)) if value > 0 else SILENCE_DBFS
+LIVE_FIGURES_S = 30 * 60  # live mode keeps per-frame figures (latency, codec) for up to 30 minutes
+LIVE_FLUSH_NS = 500_000_000  # live: at most this much audio that a device held before capture began
+# (a first read returns it at once, frames already 20, 40, 60 ms old) is dropped rather than played late
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +65,7 @@ def record(source: Source, seconds: float, progress: ProgressFn | None = None) -
     pcm = np.zeros((frames * n, fmt.channels), dtype=np.int16)
     first = 0
     got = 0
+    meter = LevelMeter((n, fmt.channels))
     source.open()
     try:
         for k in range(frames):
@@ -86,8 +77,8 @@ def record(source: Source, seconds: float, progress: ProgressFn | None = None) -
                 first = t
             got = k + 1
             if progress is not None:
-                peak, rms = levels(frame)
-                progress(got * n / fmt.sample_rate, peak, rms)
+                meter.add(frame)
+                progress(got * n / fmt.sample_rate, *meter.latest_dbfs())
     finally:
         source.close()
     if got == 0:
@@ -152,7 +143,8 @@ class _RoundTrip:
         self.decoded = self.decoder.output[: fmt.frame_samples]
         self.meter = _CodecMeter(capacity)
 
-    def run(self, frame: npt.NDArray[np.int16]) -> None:
+    def run(self, frame: npt.NDArray[np.int16]) -> bytes:
+        """Encodes and decodes ``frame`` (timing both); returns the packet."""
         self.encoder.input[:] = frame
         t0 = time.perf_counter_ns()
         packet = self.encoder.encode()
@@ -162,6 +154,7 @@ class _RoundTrip:
         if n != len(frame):
             raise RuntimeError(f"Opus decoded {n} samples from a {len(frame)}-sample frame")
         self.meter.add(len(packet), t1 - t0, t2 - t1)
+        return packet
 
     def close(self) -> None:
         self.encoder.close()
@@ -266,6 +259,14 @@ class LatencyFigures:
     p95_ms: float
     max_ms: float
 
+    @staticmethod
+    def of(ms: npt.NDArray[np.float64]) -> LatencyFigures | None:
+        """The figures of per-frame latencies in ms (None when there are none)."""
+        if not len(ms):
+            return None
+        p50, p95 = np.percentile(ms, [50, 95])
+        return LatencyFigures(len(ms), float(ms.min()), float(p50), float(p95), float(ms.max()))
+
 
 @dataclass(frozen=True, slots=True)
 class LoopbackResult:
@@ -282,8 +283,9 @@ class LoopbackResult:
     overruns: int
     underruns: int
     latency: LatencyFigures | None = None  # live mode only
-    starved_frames: int = 0  # live: sink periods that found no decoded frame ready
-    dropped_frames: int = 0  # live: frames dropped to keep the queue short
+    starved_frames: int = 0  # live: frames made up (concealed) because the mic's was not there in time
+    dropped_frames: int = 0  # live: frames of the mic's not played (skipped to hold the latency, or late)
+    drift_ppm: float = 0.0  # live: how fast the mic's clock runs against the speaker's, as measured
     recording: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
     decoded: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
 
@@ -309,6 +311,7 @@ class LoopbackResult:
             "latency": _fields(self.latency) if self.latency is not None else None,
             "starved_frames": self.starved_frames,
             "dropped_frames": self.dropped_frames,
+            "drift_ppm": self.drift_ppm,
         }
         return out
 
@@ -350,104 +353,41 @@ def run_loopback(
     )
 
 
-class _LevelMeter:
-    """Peak and RMS of everything captured, and of the latest frame (for the progress display)."""
+class _HeardLatency(Window):
+    """The playout's latency samples (capture to hand-off) plus the output's delay at that moment.
 
-    def __init__(self) -> None:
-        self.frames = 0
-        self.peak = 0.0
-        self.sum_sq = 0.0
-        self.samples = 0
-        self.last_peak = self.last_rms = SILENCE_DBFS
+    So the figures say when a frame is heard, which is what a listener (and the echo test) measures.
+    The engine adds the samples on the sink's thread, from ``pull``, where reading the delay is safe.
+    """
 
-    def add(self, frame: npt.NDArray[np.int16]) -> None:
-        x = frame.astype(np.float64)
-        sq = float(np.dot(x.ravel(), x.ravel()))
-        peak = float(np.max(np.abs(x))) if x.size else 0.0
-        self.peak = max(self.peak, peak)
-        self.sum_sq += sq
-        self.samples += x.size
-        self.frames += 1
-        self.last_peak = _dbfs(peak)
-        self.last_rms = _dbfs(math.sqrt(sq / max(1, x.size)))
-
-    def totals(self) -> tuple[float, float]:
-        return _dbfs(self.peak), _dbfs(math.sqrt(self.sum_sq / max(1, self.samples)))
-
-
-class _LiveRing:
-    """Decoded frames with their capture times, from the capture thread to the sink's fill()."""
-
-    def __init__(self, fmt: AudioFormat, sink: Sink, clock: Clock, capacity_frames: int) -> None:
-        n = fmt.frame_samples
-        self.frames = np.zeros((LIVE_QUEUE_MAX + 1, n, fmt.channels), dtype=np.int16)
-        self.times = np.zeros(LIVE_QUEUE_MAX + 1, dtype=np.int64)
-        self.written = self.read = 0
-        self.offset = 0  # samples of the current frame already played
-        self.lock = threading.Lock()
-        self.latency_ns = np.zeros(capacity_frames, dtype=np.int64)
-        self.latencies = 0
-        self.starved = self.dropped = 0
-        self.finished = False  # the capture side has ended: an empty queue is no longer starvation
-        self.drained = threading.Event()  # finished, and every queued frame handed to the sink
-        self.played = 0  # samples of decoded audio handed to the sink
-        self.primed = False  # playing; False: waiting until a frame has been queued for LIVE_MARGIN_US
-        self._first_arrival = 0
-        self._margin_ns = LIVE_MARGIN_US * 1000
-        self._n = n
-        self._rate = fmt.sample_rate
+    def __init__(self, size: int, sink: Sink) -> None:
+        super().__init__(size)
         self._sink = sink
-        self._clock = clock
 
-    def push(self, frame: npt.NDArray[np.int16], t_capture: int) -> None:
-        with self.lock:
-            if self.written - self.read > LIVE_QUEUE_MAX:
-                self.read += 1  # the sink fell behind: keep the latency bounded
-                self.offset = 0
-                self.dropped += 1
-            if self.read == self.written and not self.primed:
-                self._first_arrival = self._clock.monotonic_ns()
-            slot = self.written % len(self.frames)
-            self.frames[slot] = frame
-            self.times[slot] = t_capture
-            self.written += 1
+    def add(self, value: float) -> None:
+        super().add(value + int(getattr(self._sink, "delay_ns", 0)) / 1e6)
 
-    def fill(self, buf: npt.NDArray[np.int16]) -> bool:
-        """The sink's fill: copies queued audio into ``buf`` (any length), zeros where none is ready."""
-        pos, n, kept = 0, len(buf), False
-        with self.lock:
-            if not self.primed:
-                waited = self._clock.monotonic_ns() - self._first_arrival
-                if self.read == self.written or not (self.finished or waited >= self._margin_ns):
-                    if self.finished:
-                        self.drained.set()
-                    buf.fill(0)
-                    return False
-                self.primed = True
-            while pos < n:
-                if self.read == self.written:
-                    if self.finished:
-                        self.drained.set()
-                    else:  # starved: count it, and build the margin up again
-                        self.starved += 1
-                        self.primed = False
-                    buf[pos:] = 0
-                    break
-                slot = self.read % len(self.frames)
-                if self.offset == 0 and self.latencies < len(self.latency_ns):
-                    ahead = pos * 1_000_000_000 // self._rate + int(getattr(self._sink, "delay_ns", 0))
-                    self.latency_ns[self.latencies] = self._clock.wall_ns() + ahead - int(self.times[slot])
-                    self.latencies += 1
-                take = min(n - pos, self._n - self.offset)
-                buf[pos : pos + take] = self.frames[slot, self.offset : self.offset + take]
-                pos += take
-                self.offset += take
-                kept = True
-                if self.offset == self._n:
-                    self.offset = 0
-                    self.read += 1
-            self.played += pos
-        return kept
+
+class _LiveOutput:
+    """The sink's side of live mode: pulls the engine into float32, hands the sink int16 (no allocation)."""
+
+    def __init__(self, engine: StreamPlayout, fmt: AudioFormat) -> None:
+        self.engine = engine
+        self.running = threading.Event()  # the sink has pulled once: its clock runs
+        self._started = False
+        self._block = np.zeros((max(4096, fmt.frame_samples), fmt.channels), dtype=np.float32)
+
+    def fill(self, out: npt.NDArray[np.int16]) -> bool:
+        if not self._started:
+            self._started = True
+            self.running.set()
+        n = len(out)
+        if n > len(self._block):  # a device asking for an unusually large block: grow once
+            self._block = np.zeros((n, out.shape[1]), dtype=np.float32)
+        block = self._block[:n]
+        playing = self.engine.pull(block)
+        to_int16(block, out)
+        return playing
 
 
 def run_live(
@@ -458,71 +398,82 @@ def run_live(
     progress: ProgressFn | None = None,
     stop: threading.Event | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    playout: PlayoutConfig | None = None,
 ) -> LoopbackResult:
-    """Runs source -> Opus encode -> decode -> sink in real time for ``seconds`` (None: until ``stop``)."""
+    """Runs source -> Opus -> playout engine -> sink in real time for ``seconds`` (None: until ``stop``).
+
+    ``playout`` is the engine's latency policy (default: the receiver's, adaptive with drift
+    compensation). The capture thread also decodes each packet once more, only to time the decoder
+    for the codec figures (the engine decodes what is played, on the sink's thread).
+    """
     codec = (codec or CodecConfig()).validate()
     fmt = source.format.validate_opus()
     n = fmt.frame_samples
     frames = math.ceil(seconds * fmt.sample_rate / n) if seconds is not None else None
-    capacity = frames if frames is not None else 30 * 60 * fmt.sample_rate // n  # figures for 30 minutes
+    capacity = frames if frames is not None else LIVE_FIGURES_S * fmt.sample_rate // n
     stop = stop or threading.Event()
+    sink.open(fmt)
+    stats = ReceiverStats(fmt.frame_ms, latency_window=1)
+    stats.latency_ms = _HeardLatency(capacity, sink)
+    engine = StreamPlayout(fmt, sink.format or fmt, playout, clock, fec=codec.inband_fec, stats=stats)
+    output = _LiveOutput(engine, sink.format or fmt)
     trip = _RoundTrip(fmt, codec, capacity)
-    ring = _LiveRing(fmt, sink, clock, capacity)
     frame = np.zeros((n, fmt.channels), dtype=np.int16)
-    meter = _LevelMeter()
+    meter = LevelMeter(frame.shape)
     failure: list[BaseException] = []
 
     def capture() -> None:
+        seq = 0
+        flush = LIVE_FLUSH_NS // fmt.frame_ns  # stale frames that may still be dropped at the start
+        stale_ns = fmt.frame_ns + max(fmt.frame_ns // 2, 5_000_000)
         try:
-            while not stop.is_set() and (frames is None or meter.frames < frames):
+            while not stop.is_set() and (frames is None or seq < frames):
                 t = source.read(frame)
                 if t is None:
                     break
-                trip.run(frame)
-                ring.push(trip.decoded, t)
+                if seq == 0 and flush > 0 and clock.wall_ns() - t > stale_ns:
+                    flush -= 1  # held by the device before the loop ran: a frame would be ~T old
+                    continue
                 meter.add(frame)
+                engine.push(seq, t, trip.run(frame))
+                seq += 1
         except BaseException as exc:  # re-raised on the caller's thread
             failure.append(exc)
         finally:
-            ring.finished = True
+            engine.end()  # the engine plays what it holds, then finishes
 
-    sink.open(fmt)
-    source.open()
     thread = threading.Thread(target=capture, name="loopback capture", daemon=True)
     under0 = sink.underruns
-    sink.start(ring.fill)
-    thread.start()
+    sink.start(output.fill)
     try:
+        # Capture starts once the output runs: a device's first callbacks may come tens of ms after
+        # start(), and audio captured meanwhile would reach the engine as a backlog of old frames.
+        deadline = time.monotonic() + STALL_S
+        while not output.running.wait(_PROGRESS_S):
+            _check_sink(sink)
+            if time.monotonic() > deadline:
+                raise SinkError(f"{sink.name}: the output did not start within {STALL_S:g} s")
+        source.open()
+        thread.start()
         while thread.is_alive():
             thread.join(_PROGRESS_S)
             _check_sink(sink)
             if progress is not None:
-                progress(meter.frames * n / fmt.sample_rate, meter.last_peak, meter.last_rms)
-        ring.drained.wait((LIVE_QUEUE_MAX + 2) * fmt.frame_ns / 1e9)  # play what is queued
+                progress(meter.frames * n / fmt.sample_rate, *meter.latest_dbfs())
+        # Play what the engine holds (its buffer never exceeds max_latency_ms), then stop the sink.
+        engine.finished.wait(engine.config.max_latency_ms / 1000 + 4 * fmt.frame_ns / 1e9)
     except KeyboardInterrupt:
         stop.set()
-        thread.join()
     finally:
         stop.set()
         source.close()
-        thread.join()
+        if thread.ident is not None:
+            thread.join()
         sink.stop()
         trip.close()
     if failure:
         raise failure[0]
-    peak_db, rms_db = meter.totals()
-    lat = ring.latency_ns[: ring.latencies] / 1e6
-    latency = (
-        LatencyFigures(
-            len(lat),
-            float(lat.min()),
-            float(np.median(lat)),
-            float(np.percentile(lat, 95)),
-            float(lat.max()),
-        )
-        if len(lat)
-        else None
-    )
+    peak_db, rms_db = meter.total_dbfs()
     return LoopbackResult(
         mode="live",
         source=source.name,
@@ -530,13 +481,14 @@ def run_live(
         format=fmt,
         config=codec,
         recorded_s=meter.frames * n / fmt.sample_rate,
-        played_s=ring.played / fmt.sample_rate,
+        played_s=stats.frames_played * fmt.frame_ms / 1000,
         codec=trip.meter.figures(fmt),
         input_peak_dbfs=peak_db,
         input_rms_dbfs=rms_db,
         overruns=source.overruns,
         underruns=sink.underruns - under0,
-        latency=latency,
-        starved_frames=ring.starved,
-        dropped_frames=ring.dropped,
+        latency=LatencyFigures.of(stats.latency_ms.values()),
+        starved_frames=stats.concealed + stats.inserted,
+        dropped_frames=stats.skipped + stats.late,
+        drift_ppm=stats.drift_ppm,
     )

@@ -26,11 +26,11 @@ import numpy.typing as npt
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import DEFAULT_PORT, AudioFormat, ServerSecurity
 from tiality_cli.errors import BusyError, ConfigError
-from tiality_cli.io.base import Sink
+from tiality_cli.io.base import Sink, to_int16
 from tiality_cli.link import ClockEstimate, StreamInfo, StreamTotals
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.recording import OpusRecorder, OpusTap, WavRecorder, check_record_path
-from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
+from tiality_cli.stats import Rates, ReceiverStats, StatsSnapshot, dbfs
 
 if TYPE_CHECKING:
     from tiality_cli.net.server import AudioServer
@@ -72,7 +72,7 @@ class Session:
     algorithm_delay: int = 0
     clock_offset_ns: int = 0  # receiver clock - sender clock, as the sender last estimated it
     clock_round_trip_ns: int = 0  # the round trip that estimate came from (its uncertainty is half)
-    rates: tuple[RateMeter, RateMeter] = field(default_factory=lambda: (RateMeter(), RateMeter()))
+    rates: Rates = field(default_factory=Rates)  # the snapshot's packets/s and kbit/s
     received: int = 0  # packets taken off the wire (the playout counts them when it next runs)
     tap: OpusTap | None = None  # --record PATH.opus: the packets as received
     capture_delay_ns: int = 0  # the capture-device delay of the last packet, as the sender measured it
@@ -137,7 +137,7 @@ class Receiver:
         self._tmp = np.zeros((4096, 2), dtype=np.float32)
         self._sink_started = False
         self._next_id = 1
-        self._rates = (RateMeter(), RateMeter())
+        self._rates = Rates()
         self._wav_rec: WavRecorder | None = None
         self._opus_rec: OpusRecorder | None = None
         rec = self.config.record
@@ -235,11 +235,7 @@ class Receiver:
                 done = done or s.playout.state == State.FINISHED
         if done:
             self._retire()
-        gain = 0.0 if self.muted else self.volume * 32768.0
-        np.multiply(acc, gain, out=acc)
-        np.rint(acc, out=acc)
-        np.clip(acc, -32768, 32767, out=acc)
-        out[:] = acc
+        to_int16(acc, out, 0.0 if self.muted else self.volume)
         if playing and self._wav_rec is not None:
             self._wav_rec.push(out)
         return playing
@@ -334,7 +330,7 @@ class Receiver:
         self,
         stats: list[ReceiverStats],
         live: list[ReceiverStats],
-        rates: tuple[RateMeter, RateMeter],
+        rates: Rates,
         streams: int,
     ) -> StatsSnapshot:
         now = self.clock.monotonic_ns()
@@ -342,6 +338,7 @@ class Receiver:
         lat = np.concatenate([s.latency_ms.values() for s in live]) if live else np.zeros(0)
         peak = max((s.peak for s in live), default=0.0)
         rms = max((s.rms for s in live), default=0.0)
+        packets_per_s, kbps = rates.update(now / 1e9, total["packets"], total["bytes"])
         return StatsSnapshot(
             packets=total["packets"],
             bytes=total["bytes"],
@@ -358,8 +355,8 @@ class Receiver:
             latency_ms_p50=float(np.percentile(lat, 50)) if len(lat) else math.nan,
             latency_ms_p95=float(np.percentile(lat, 95)) if len(lat) else math.nan,
             latency_ms_max=float(lat.max()) if len(lat) else math.nan,
-            bitrate_kbps=rates[0].rate(total["bytes"], now) * 8 / 1000,
-            packets_per_s=rates[1].rate(total["packets"], now),
+            bitrate_kbps=kbps,
+            packets_per_s=packets_per_s,
             buffer_ms=max((s.buffer_ms for s in live), default=0.0),
             target_ms=max((s.target_ms for s in live), default=0.0),
             drift_ppm=live[0].drift_ppm if live else 0.0,

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
 from tiality_cli.oggopus import OggOpusWriter
+from tiality_cli.seq import seq_add, seq_delta
 from tiality_cli.wavfile import WavWriter
 
 REORDER_FRAMES = 8  # how long an out-of-order packet may be waited for before its slot is declared lost
@@ -101,8 +102,7 @@ class OpusTap:
         """Network thread: a packet with its 32-bit sequence number."""
         if self._next is None:
             self._next = seq
-        ahead = (seq - self._next) & 0xFFFFFFFF
-        if ahead >= 1 << 31:
+        if seq_delta(seq, self._next) < 0:
             return  # older than what was already written (late or duplicate)
         self._held[seq] = payload
         while self._held:
@@ -114,15 +114,16 @@ class OpusTap:
                 self._ogg.write_gap(self._frame_48k)  # waited long enough: that frame is lost
             else:
                 return
-            self._next = (nxt + 1) & 0xFFFFFFFF
+            self._next = seq_add(nxt, 1)
 
     def close(self) -> None:
-        for seq in sorted(self._held, key=lambda s: (s - (self._next or 0)) & 0xFFFFFFFF):
+        start = self._next or 0
+        for seq in sorted(self._held, key=lambda s: seq_delta(s, start)):
             while self._next is not None and self._next != seq:
                 self._ogg.write_gap(self._frame_48k)
-                self._next = (self._next + 1) & 0xFFFFFFFF
+                self._next = seq_add(self._next, 1)
             self._ogg.write_packet(self._held[seq])
-            self._next = (seq + 1) & 0xFFFFFFFF
+            self._next = seq_add(seq, 1)
         self._held.clear()
         self._ogg.close()
 

@@ -29,7 +29,7 @@ from tiality_cli.config import ClientSecurity, CodecConfig, Endpoint
 from tiality_cli.errors import AuthError, ConfigError, ConnectError, RejectedError
 from tiality_cli.io.base import Source
 from tiality_cli.link import ClockEstimate, Connector, Link, Outgoing, Packet, StreamInfo, StreamTotals
-from tiality_cli.stats import dbfs
+from tiality_cli.stats import dbfs, frame_levels
 
 BACKOFF_FIRST_S = 0.1  # first retry after an outage
 BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about half a second
@@ -147,7 +147,7 @@ class Sender:
         limit = None if self.config.seconds is None else round(self.config.seconds * 1e6 / fmt.frame_us)
         seq = 0
         buf = enc.input
-        flat = np.zeros(buf.size, dtype=np.float32)  # for the level meter: int16 squares overflow
+        scratch = np.zeros(buf.shape, dtype=np.float32)  # the level meter's, allocated once
         src, wall, frame_ns = self.source, self.clock.wall_ns, fmt.frame_ns
         dropped_ns = src.dropped_ns
         try:
@@ -162,9 +162,7 @@ class Sender:
                     seq += round((src.dropped_ns - dropped_ns) / frame_ns)
                     dropped_ns = src.dropped_ns
                     st.capture_dropped_ms = dropped_ns / 1e6
-                st.peak = max(int(buf.max()), -int(buf.min()))
-                np.copyto(flat, buf.reshape(-1))
-                st.rms = float(np.sqrt(np.dot(flat, flat) / flat.size))
+                st.peak, st.rms = frame_levels(buf, scratch)
                 payload = enc.encode()
                 self._backlog.append((seq, t, payload, delay if delay > 0 else 0))
                 if len(self._backlog) > self._max_backlog:

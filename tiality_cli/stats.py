@@ -3,15 +3,28 @@
 Counters are plain ints written by one thread (the playout thread for the receiver, the capture and
 network threads for the sender) and read by others; a snapshot copies them and computes the windowed
 figures (percentiles, rates) on the reader's time, never on the audio path.
+
+The one home of the level and rate arithmetic every command shows:
+
+    gain_db, dbfs          amplitude ratio / int16 amplitude -> dB (SILENCE_DBFS for silence)
+    frame_levels           peak and RMS of one int16 frame, in place (the audio path: no allocation)
+    LevelMeter             the same for a stream of frames, with totals (loopback)
+    levels                 peak and RMS dBFS of a whole recording (allocates: not for the audio path)
+    Rates                  packets/s and kbit/s from cumulative counters
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+SILENCE_DBFS = -120.0  # the level reported for digital silence (JSON has no -inf)
+FULL_SCALE = 32768.0  # int16 full scale: 0 dBFS
 
 
 class Window:
@@ -48,9 +61,75 @@ class Window:
         return float(self._buf[: self._n].max()) if self._n else math.nan
 
 
+def gain_db(gain: float) -> float:
+    """An amplitude ratio in dB; SILENCE_DBFS (-120) at and below 1e-6, so silence stays a number."""
+    return 20 * math.log10(gain) if gain > 1e-6 else SILENCE_DBFS
+
+
 def dbfs(value: float) -> float:
-    """Full-scale int16 amplitude to dBFS (-inf for silence, clamped at -120)."""
-    return 20 * math.log10(value / 32768.0) if value > 32768e-6 else -120.0
+    """An int16 amplitude (peak or RMS) in dBFS, full scale 32768; SILENCE_DBFS for silence."""
+    return gain_db(value / FULL_SCALE)
+
+
+def frame_levels(
+    x: npt.NDArray[np.int16], scratch: npt.NDArray[np.float32] | npt.NDArray[np.float64]
+) -> tuple[int, float]:
+    """Peak and RMS of non-empty int16 audio, as int16 amplitudes (``dbfs`` turns them into dBFS).
+
+    Allocates no array: ``scratch`` (float, ``x``'s shape) receives ``x / 32768``, which is what the
+    playout engine plays, so it converts and measures in one pass. Squares are summed in the scratch's
+    float type (int16 squares would overflow). The cast is a copy, then the scale is in place: a ufunc
+    that casts as it goes (``np.multiply(x, k, out=scratch)``) allocates a 32 kB buffer on every call.
+    """
+    peak = max(int(x.max()), -int(x.min()))
+    np.copyto(scratch, x, casting="unsafe")
+    np.multiply(scratch, 1.0 / FULL_SCALE, out=scratch)
+    rms = math.sqrt(float(np.vdot(scratch, scratch)) / scratch.size) * FULL_SCALE
+    return peak, rms
+
+
+def levels(pcm: npt.NDArray[np.int16]) -> tuple[float, float]:
+    """(peak, RMS) of int16 audio in dBFS; SILENCE_DBFS for silence or no audio.
+
+    Allocates a float64 copy: for whole recordings and progress displays, not for the audio path.
+    """
+    if pcm.size == 0:
+        return SILENCE_DBFS, SILENCE_DBFS
+    peak, rms = frame_levels(pcm, np.empty(pcm.shape, dtype=np.float64))
+    return dbfs(peak), dbfs(rms)
+
+
+class LevelMeter:
+    """Peak and RMS of the frames that pass: the latest frame's and all of them so far.
+
+    ``add`` runs on a capture thread every frame and allocates no array; readers on other threads
+    take ``latest_dbfs()`` / ``total_dbfs()`` whenever they like.
+    """
+
+    def __init__(self, frame_shape: tuple[int, ...]) -> None:
+        self._scratch = np.zeros(frame_shape, dtype=np.float32)
+        self.frames = 0
+        self.peak = 0  # latest frame, int16 amplitude
+        self.rms = 0.0
+        self.max_peak = 0
+        self._sum_sq = 0.0
+        self._samples = 0
+
+    def add(self, frame: npt.NDArray[np.int16]) -> None:
+        peak, rms = frame_levels(frame, self._scratch)
+        self.peak, self.rms = peak, rms
+        self.max_peak = max(self.max_peak, peak)
+        self._sum_sq += rms * rms * frame.size
+        self._samples += frame.size
+        self.frames += 1
+
+    def latest_dbfs(self) -> tuple[float, float]:
+        """(peak, RMS) of the latest frame in dBFS."""
+        return dbfs(self.peak), dbfs(self.rms)
+
+    def total_dbfs(self) -> tuple[float, float]:
+        """(peak, RMS) of every frame so far in dBFS."""
+        return dbfs(self.max_peak), dbfs(math.sqrt(self._sum_sq / max(1, self._samples)))
 
 
 class ReceiverStats:
@@ -128,15 +207,24 @@ class StatsSnapshot:
         return d
 
 
-class RateMeter:
-    """Turns a cumulative counter into a per-second rate between two snapshots."""
+class Rates:
+    """Packets/s and kbit/s from cumulative counters, averaged over the last ``span_s`` seconds.
 
-    def __init__(self) -> None:
-        self._t = 0
-        self._v = 0
+    ``span_s`` 0: between this update and the previous one (a snapshot's rates); a live view averages
+    over a couple of seconds so the figures do not flicker. The first update gives 0, 0.
+    """
 
-    def rate(self, value: int, now_ns: int) -> float:
-        dt = now_ns - self._t
-        r = (value - self._v) * 1e9 / dt if self._t and dt > 0 else 0.0
-        self._t, self._v = now_ns, value
-        return r
+    def __init__(self, span_s: float = 0.0) -> None:
+        self.span_s = span_s
+        self._samples: deque[tuple[float, int, int]] = deque()
+
+    def update(self, now_s: float, packets: int, nbytes: int) -> tuple[float, float]:
+        q = self._samples
+        q.append((now_s, packets, nbytes))
+        while len(q) > 2 and now_s - q[1][0] >= self.span_s:
+            q.popleft()
+        t0, p0, b0 = q[0]
+        dt = now_s - t0
+        if dt <= 0:
+            return 0.0, 0.0
+        return (packets - p0) / dt, (nbytes - b0) * 8 / 1000 / dt

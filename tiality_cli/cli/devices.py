@@ -36,7 +36,7 @@ LOOPBACK_EPILOG = (
     "  tiality loopback --live --seconds 0     # hear yourself through Opus until Ctrl-C\n\n"
     "  tiality loopback -i tone://440 -o file:round-trip.wav --json"
 )
-_METER_FLOOR_DB = -60.0  # the level meter's left end
+PROGRESS_METER_WIDTH = 24  # the level meter beside the progress bars
 
 
 def register(app: typer.Typer) -> None:
@@ -251,17 +251,10 @@ def result_table(result: LoopbackResult) -> Table:
         )
     if result.mode == "live":
         rows.append(("starved / dropped frames", f"{result.starved_frames} / {result.dropped_frames}"))
+        rows.append(("mic clock against speaker", f"{result.drift_ppm:+.0f} ppm"))
     for name, value in rows:
         t.add_row(name, value)
     return t
-
-
-def level_meter(peak_dbfs: float, rms_dbfs: float, width: int = 24) -> str:
-    """A Rich-markup meter: RMS as a bar from -60 dBFS, the peak in figures, red above -3 dBFS."""
-    frac = min(1.0, max(0.0, (rms_dbfs - _METER_FLOOR_DB) / -_METER_FLOOR_DB))
-    filled = round(frac * width)
-    colour = "red" if peak_dbfs > -3 else "yellow" if peak_dbfs > -12 else "green"
-    return f"[{colour}]{'█' * filled}[/][dim]{'·' * (width - filled)}[/] peak {peak_dbfs:6.1f} dBFS"
 
 
 class _Display:
@@ -299,11 +292,14 @@ class _Display:
         progress = self._progress
         if progress is None:
             return None
+        from tiality_cli.cli.view import level_meter, markup
+
         task_id = progress.add_task(name, total=seconds or None, start=start, meter="")
 
         def update(done_s: float, peak: float, rms: float) -> None:
             if not progress.tasks[task_id].started:
                 progress.start_task(task_id)
-            progress.update(task_id, completed=done_s, meter=level_meter(peak, rms))
+            meter = markup(level_meter(rms, peak, PROGRESS_METER_WIDTH))
+            progress.update(task_id, completed=done_s, meter=meter)
 
         return update

@@ -25,11 +25,10 @@ from types import TracebackType
 from typing import Any
 
 from tiality_cli.cli.view import (
-    Rates,
+    RATE_SPAN_S,
     RecvFrame,
     RecvMonitor,
     SendMonitor,
-    gain_db,
     json_line,
     recv_plain_line,
     recv_summary,
@@ -44,7 +43,7 @@ from tiality_cli.cli.view import (
 from tiality_cli.io.base import ClockedSink
 from tiality_cli.receiver import Receiver
 from tiality_cli.sender import Sender
-from tiality_cli.stats import StatsSnapshot
+from tiality_cli.stats import Rates, StatsSnapshot, gain_db
 
 REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
 LOG_EVERY_S = 5.0  # plain log lines when stdout is not a terminal
@@ -266,7 +265,7 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
         except BaseException as exc:
             outcome["error"] = exc
 
-    rates = Rates()
+    rates = Rates(RATE_SPAN_S)
     rates.update(time.monotonic(), 0, 0)  # so the first line's rates count from the start
     monitor = SendMonitor(sender.config.max_backlog_ms, keys=keys_available())
 

@@ -14,8 +14,8 @@ Table: a Table of this size costs several times more CPU at 4 refreshes a second
     recv_plain_line, send_plain_line, send_summary_line
                                  one log line of the same figures, for non-terminals
     sender_entry, json_line      JSON lines (field names: docs/stats.md)
-    level_meter, sparkline, grid, step_volume_db, gain_db
-                                 the small pieces
+    level_meter, markup, sparkline, grid, step_volume_db
+                                 the small pieces (dB and rates come from tiality_cli.stats)
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console, ConsoleOptions
+from rich.markup import escape
 from rich.segment import Segment
 from rich.table import Table
 
-from tiality_cli.stats import StatsSnapshot
+from tiality_cli.stats import SILENCE_DBFS, Rates, StatsSnapshot
 
 if TYPE_CHECKING:
     from tiality_cli.receiver import SessionView
@@ -107,11 +108,6 @@ def compact_peer(peer: str) -> str:
     return peer
 
 
-def gain_db(gain: float) -> float:
-    """A linear gain in dB, -120 for silence."""
-    return 20 * math.log10(gain) if gain > 1e-6 else -120.0
-
-
 def step_volume_db(current_db: float, steps: int) -> float:
     """``steps`` volume steps up (+) or down (-) from ``current_db``, on the 3 dB grid, within bounds."""
     grid = round(current_db / VOLUME_STEP_DB) * VOLUME_STEP_DB
@@ -184,27 +180,13 @@ def level_meter(level_dbfs: float, peak_dbfs: float | None = None, width: int = 
             line[-1] = (line[-1][0] + ch, st)
         else:
             line.append((ch, st))
-    line.append((f" {level_dbfs:5.1f}" if level_dbfs > -120 else "     -", ""))
+    line.append((f" {level_dbfs:5.1f}" if level_dbfs > SILENCE_DBFS else "     -", ""))
     return line
 
 
-class Rates:
-    """Packets/s and kbit/s from cumulative counters, averaged over the last ``span_s`` seconds."""
-
-    def __init__(self, span_s: float = RATE_SPAN_S) -> None:
-        self.span_s = span_s
-        self._samples: deque[tuple[float, int, int]] = deque()
-
-    def update(self, now_s: float, packets: int, nbytes: int) -> tuple[float, float]:
-        q = self._samples
-        q.append((now_s, packets, nbytes))
-        while len(q) > 2 and now_s - q[1][0] >= self.span_s:
-            q.popleft()
-        t0, p0, b0 = q[0]
-        dt = now_s - t0
-        if dt <= 0:
-            return 0.0, 0.0
-        return (packets - p0) / dt, (nbytes - b0) * 8 / 1000 / dt
+def markup(line: Line) -> str:
+    """A screen line as Rich console markup, for what takes a string (a progress bar's column)."""
+    return "".join(f"[{style}]{escape(text)}[/]" if style else escape(text) for text, style in line)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,7 +229,7 @@ class RecvFrame:
 
 @dataclass(slots=True)
 class _History:
-    rates: Rates = field(default_factory=Rates)
+    rates: Rates = field(default_factory=lambda: Rates(RATE_SPAN_S))
     latency: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     level: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     peaks: deque[float] = field(default_factory=lambda: deque(maxlen=PEAK_HOLD))
@@ -264,7 +246,7 @@ class RecvMonitor:
         self.output = output
         self.keys = keys
         self.title = title
-        self._total = Rates()
+        self._total = Rates(RATE_SPAN_S)
         self._senders: dict[int, _History] = {}
 
     def frame(

@@ -120,6 +120,17 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def to_int16(block: npt.NDArray[np.float32], out: npt.NDArray[np.int16], gain: float = 1.0) -> None:
+    """Float audio (full scale 1.0) times ``gain`` into a sink's int16 buffer, rounded and clipped.
+
+    For a sink's ``fill`` (every block): scales ``block`` in place and allocates nothing.
+    """
+    np.multiply(block, gain * 32768.0, out=block)
+    np.rint(block, out=block)
+    np.clip(block, -32768, 32767, out=block)
+    out[:] = block
+
+
 class ClockedSink:
     """Base for sinks with no hardware clock: a thread calls ``fill`` once per frame period."""
 

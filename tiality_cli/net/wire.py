@@ -10,6 +10,7 @@ from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
 from tiality_cli.link import PROTOCOL_VERSION, ClockEstimate, Outgoing, StreamInfo, StreamTotals
 from tiality_cli.net._proto import tiality_pb2 as pb
+from tiality_cli.seq import SEQ_MASK
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AudioStream"].full_name  # "tiality.v1.AudioStream"
 
@@ -47,7 +48,7 @@ def info_to_pb(info: StreamInfo) -> pb.StreamFormat:
         inband_fec=info.fec,
         dtx=info.dtx,
         sender_name=info.name[:200],
-        first_sequence=info.first_sequence & 0xFFFFFFFF,
+        first_sequence=info.first_sequence & SEQ_MASK,
     )
 
 
@@ -77,7 +78,7 @@ def message(item: Outgoing) -> pb.StreamMessage:
         seq, t, payload, delay_ns = item
         return pb.StreamMessage(
             packet=pb.AudioPacket(
-                sequence=seq & 0xFFFFFFFF,
+                sequence=seq & SEQ_MASK,
                 capture_time_ns=t,
                 payload=payload,
                 capture_delay_us=min(0xFFFFFFFF, max(0, delay_ns // 1000)),
