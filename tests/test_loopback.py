@@ -207,7 +207,9 @@ def test_live_plays_the_mic_through_opus(sound_card: VirtualSoundCard) -> None:
         source = open_source("alsa://tmic", FMT)
         sink = open_sink("sd://tspk", FMT)
         try:
-            result = run_live(source, sink, 4.0, CodecConfig(bitrate=64_000))
+            result = run_live(
+                source, sink, 4.0, CodecConfig(bitrate=64_000, application="restricted-lowdelay")
+            )
         finally:
             sink.close()
         spk.wait_frames(spk.frames + RATE // 5)
@@ -296,7 +298,9 @@ def test_live_follows_a_speaker_on_another_clock(sound_card: VirtualSoundCard, t
         running.set()
 
     def live() -> None:  # 16 s: it ends while the mic still plays (its end changes the card's timing)
-        outcome["result"] = run_live(source, sink, 16.0, CodecConfig(bitrate=64_000), progress)
+        outcome["result"] = run_live(
+            source, sink, 16.0, CodecConfig(bitrate=64_000, application="restricted-lowdelay"), progress
+        )
 
     thread = threading.Thread(target=live)
     thread.start()
