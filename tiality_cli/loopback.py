@@ -32,6 +32,7 @@ from tiality_cli.codec import OpusDecoder, OpusEncoder
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.errors import SinkError, SourceError
 from tiality_cli.io.base import Sink, Source
+from tiality_cli.levelcheck import ChannelLevel, LevelMeter, channel_levels
 
 ProgressFn = Callable[[float, float, float], None]  # (seconds done, peak dBFS, RMS dBFS)
 SILENCE_DBFS = -120.0  # the level reported for digital silence (JSON has no -inf)
@@ -286,6 +287,7 @@ class LoopbackResult:
     dropped_frames: int = 0  # live: frames dropped to keep the queue short
     recording: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
     decoded: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
+    channels: tuple[ChannelLevel, ...] = ()  # the input's level per encoded channel (levelcheck)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures (no audio)."""
@@ -309,6 +311,7 @@ class LoopbackResult:
             "latency": _fields(self.latency) if self.latency is not None else None,
             "starved_frames": self.starved_frames,
             "dropped_frames": self.dropped_frames,
+            "input_channels": [c.as_dict() for c in self.channels],
         }
         return out
 
@@ -347,6 +350,7 @@ def run_loopback(
         underruns=played.underruns,
         recording=rec.pcm,
         decoded=coded.pcm,
+        channels=tuple(channel_levels(rec.pcm)),
     )
 
 
@@ -470,6 +474,7 @@ def run_live(
     ring = _LiveRing(fmt, sink, clock, capacity)
     frame = np.zeros((n, fmt.channels), dtype=np.int16)
     meter = _LevelMeter()
+    per_channel = LevelMeter(fmt.channels, n)
     failure: list[BaseException] = []
 
     def capture() -> None:
@@ -481,6 +486,7 @@ def run_live(
                 trip.run(frame)
                 ring.push(trip.decoded, t)
                 meter.add(frame)
+                per_channel.add(frame)
         except BaseException as exc:  # re-raised on the caller's thread
             failure.append(exc)
         finally:
@@ -539,4 +545,5 @@ def run_live(
         latency=latency,
         starved_frames=ring.starved,
         dropped_frames=ring.dropped,
+        channels=tuple(per_channel.levels()),
     )
