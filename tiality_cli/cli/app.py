@@ -407,9 +407,11 @@ def demo(
 
 def _register_device_commands() -> None:
     from tiality_cli.cli import devices as cli_devices
+    from tiality_cli.cli import doctor as cli_doctor
     from tiality_cli.cli import settings as cli_settings
 
     cli_devices.register(app)
+    cli_doctor.register(app)
     cli_settings.register(app)
 
 
