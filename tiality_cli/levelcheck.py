@@ -78,7 +78,7 @@ def channel_levels(pcm: npt.NDArray[np.int16], labels: Sequence[int] | None = No
 
 
 class LevelMeter:
-    """Accumulates ``channel_levels`` frame by frame (live capture), with buffers allocated once."""
+    """Accumulates ``channel_levels`` frame by frame (live capture); every buffer is allocated once."""
 
     def __init__(self, channels: int, frame_samples: int) -> None:
         self.peaks = np.zeros(channels, dtype=np.int32)
@@ -87,15 +87,25 @@ class LevelMeter:
         self.samples = 0
         self._wide = np.zeros((frame_samples, channels), dtype=np.int32)
         self._f = np.zeros((frame_samples, channels), dtype=np.float64)
+        self._mask = np.zeros((frame_samples, channels), dtype=np.bool_)
+        self._peak = np.zeros(channels, dtype=np.int32)
+        self._count = np.zeros(channels, dtype=np.int64)
+        self._sq = np.zeros(channels, dtype=np.float64)
 
     def add(self, frame: npt.NDArray[np.int16]) -> None:
         n = len(frame)
-        wide, f = self._wide[:n], self._f[:n]
+        if n == 0:
+            return
+        wide, f, mask = self._wide[:n], self._f[:n], self._mask[:n]
         np.abs(frame, out=wide, dtype=np.int32)
-        np.maximum(self.peaks, wide.max(axis=0, initial=0), out=self.peaks)
-        self.clipped += np.count_nonzero(wide >= CLIP_LEVEL, axis=0)
+        np.max(wide, axis=0, out=self._peak)
+        np.maximum(self.peaks, self._peak, out=self.peaks)
+        np.greater_equal(wide, CLIP_LEVEL, out=mask)
+        np.sum(mask, axis=0, out=self._count)
+        self.clipped += self._count
         np.copyto(f, wide)
-        self.sum_sq += np.einsum("ij,ij->j", f, f)
+        np.einsum("ij,ij->j", f, f, out=self._sq)
+        self.sum_sq += self._sq
         self.samples += n
 
     def levels(self, labels: Sequence[int] | None = None) -> list[ChannelLevel]:
