@@ -233,3 +233,16 @@ def test_help_names_the_variables_and_version_and_completion_work(layout: Layout
         [script, "--show-completion", "bash"], capture_output=True, text=True, env=layout.env()
     )
     assert "_TIALITY_COMPLETE=complete_bash" in shown.stdout
+
+
+def test_config_with_a_command_line_shows_the_typed_options_as_cli(layout: Layout) -> None:
+    layout.user.write_text("[send]\nframe-ms = 10\nbitrate = 48\n")
+    proc = layout.run("config", "send", "gui:50052", "--frame-ms", "5", "--json", TIALITY_BITRATE="96")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert set(doc) == {"files", "send"}
+    assert entry(doc, "send", "frame-ms") == (5.0, "cli")
+    assert entry(doc, "send", "target") == ("gui:50052", "cli")
+    assert entry(doc, "send", "bitrate") == (96.0, "env")
+    proc = layout.run("config", "demo")
+    assert proc.returncode == 2 and one_line(proc) == "tiality: 'demo': tiality config shows send or recv"

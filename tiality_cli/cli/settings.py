@@ -148,10 +148,27 @@ def checked_files(parent: Any) -> list[ConfigFile]:
 # ---------------------------------------------------------------------------------------------------------
 # tiality config
 # ---------------------------------------------------------------------------------------------------------
+def typed_values(command: ConfiguredCommand, name: str, args: list[str], parent: Any) -> dict[str, Any]:
+    """The options ``args`` set on the command line of ``command``, parsed by the command itself."""
+    if not args:
+        return {}
+    sub = command.make_context(name, list(args), parent=parent, resilient_parsing=True)
+    out = {}
+    for key, param in command.config_keys().items():
+        source = sub.get_parameter_source(str(param.name))
+        if source is not None and source.name == "COMMANDLINE":
+            out[key] = sub.params.get(str(param.name))
+    return out
+
+
 def effective(
-    command: ConfiguredCommand, files: list[ConfigFile], environ: Mapping[str, str], ctx: Any
+    command: ConfiguredCommand,
+    files: list[ConfigFile],
+    environ: Mapping[str, str],
+    ctx: Any,
+    typed: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Each option of ``command``: its value in effect without command-line options, and its source."""
+    """Each option of ``command``: its value in effect and its source (``typed``: the command line's)."""
     from tiality_cli.settings import layered
 
     from_files = layered(files, command.section or "")
@@ -162,7 +179,9 @@ def effective(
         var = param.envvar if isinstance(param.envvar, str) else None
         raw = environ.get(var) if var else None
         origin: ConfigFile | None = None
-        if raw:
+        if typed and key in typed:
+            value, source = typed[key], "cli"
+        elif raw:
             value, source = convert(param, raw, f"{var}", ctx), "env"
         elif key in from_files:
             value, origin = from_files[key]
@@ -192,12 +211,19 @@ def effective(
 
 def config(
     ctx: typer.Context,
+    command: Annotated[
+        str | None,
+        typer.Argument(
+            help="send or recv: show only that command; its options may follow.", show_default=False
+        ),
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print it as one JSON document.")] = False,
 ) -> None:
     """Show the configuration in effect for send and recv, and where each value comes from.
 
-    Sources, strongest first: cli, env (TIALITY_<OPTION>), user file (~/.config/tiality/tiality.toml),
-    system file (/etc/tiality/tiality.toml, or $TIALITY_CONFIG), default.
+    Sources, strongest first: cli (options given after the command's name), env (TIALITY_<OPTION>),
+    user file (~/.config/tiality/tiality.toml), system file (/etc/tiality/tiality.toml, or
+    $TIALITY_CONFIG), default.
     """
     from tiality_cli.cli.common import guarded
 
@@ -206,9 +232,12 @@ def config(
 
         files = checked_files(ctx.parent)
         group = ctx.parent.command if ctx.parent is not None else None
-        commands = {
-            name: cmd for name, cmd in getattr(group, "commands", {}).items() if name in ("send", "recv")
-        }
+        wanted = ("send", "recv") if command is None else (command,)
+        if command not in (None, "send", "recv"):
+            raise ConfigError(f"{command!r}: tiality config shows send or recv")
+        if command is None and ctx.args:
+            raise ConfigError(f"{' '.join(ctx.args)}: name the command first (tiality config send ...)")
+        commands = {name: cmd for name, cmd in getattr(group, "commands", {}).items() if name in wanted}
         doc: dict[str, Any] = {
             "files": [
                 {"kind": kind, "path": str(path), "exists": path.is_file()}
@@ -217,7 +246,8 @@ def config(
         }
         for name, cmd in commands.items():
             scratch = cmd.context_class(cmd, info_name=name, parent=ctx.parent)
-            doc[name] = effective(cmd, files, os.environ, scratch)
+            typed = typed_values(cmd, name, ctx.args, ctx.parent)
+            doc[name] = effective(cmd, files, os.environ, scratch, typed)
         if json_:
             print(json.dumps(doc, indent=2, default=str))
             return
@@ -252,10 +282,15 @@ CONFIG_EPILOG = (
     "Examples:\n\n"
     "  tiality config                                  # what send and recv would use, and why\n\n"
     "  TIALITY_FRAME_MS=10 tiality config --json | jq '.send[] | select(.key == \"frame-ms\")'\n\n"
+    "  tiality config send gui-host:50052 --frame-ms 10   # with options typed as for send\n\n"
     "  TIALITY_CONFIG=robot.toml tiality config        # another file instead of /etc/tiality/tiality.toml"
 )
 
 
 def register(app: typer.Typer) -> None:
     """Adds ``config`` to the tiality app."""
-    app.command("config", epilog=CONFIG_EPILOG)(config)
+    app.command(
+        "config",
+        epilog=CONFIG_EPILOG,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(config)
