@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,11 @@ import pexpect
 from helpers.waiting import wait_until
 from tiality_cli.cli.live import StateLog
 from tiality_cli.cli.view import SendMonitor, screen_text, send_lines
-from tiality_cli.sender import StateChange
+from tiality_cli.config import AudioFormat, Endpoint
+from tiality_cli.io.files import NullSink
+from tiality_cli.io.sources import open_source
+from tiality_cli.receiver import Receiver, ReceiverConfig
+from tiality_cli.sender import Sender, SenderConfig, StateChange
 
 TIALITY = [sys.executable, "-m", "tiality_cli"]
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
@@ -115,3 +120,40 @@ def test_a_long_outage_logs_its_first_attempts_each_new_reason_and_then_one_line
     assert got[1] == f"tiality send: streaming to {HOST}"
     assert got[-1] == f"tiality send: streaming to {HOST} again (after 30 failed attempt(s), 15.3 s)"
     assert "tiality send: reconnecting: no route to host (attempt 25)" in got
+
+
+def test_the_sender_reports_each_change_with_reason_and_attempt_until_the_receiver_comes() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    changes: list[StateChange] = []
+    sender = Sender(
+        open_source("tone://440", AudioFormat()), SenderConfig(Endpoint("127.0.0.1", port), seconds=1.0)
+    )
+    sender.on_state = changes.append
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(sender.run()), daemon=True)
+    thread.start()
+    rx: Receiver | None = None
+    try:
+        wait_until(lambda: sender.stats.attempt >= 2, 15, "two failed attempts")
+        rx = Receiver(NullSink(), ReceiverConfig(port=port, bind="127.0.0.1"))
+        rx.start()
+        thread.join(30)
+    finally:
+        sender.stop()
+        if rx is not None:
+            rx.stop()
+    assert result, "the sender did not finish"
+    target = f"127.0.0.1:{port}"
+    assert changes[0] == StateChange("connecting", "", 0, target)
+    failed = [c for c in changes if c.state == "reconnecting"]
+    assert [c.attempt for c in failed] == list(range(1, len(failed) + 1)) and len(failed) >= 2
+    assert {c.reason for c in failed} == {
+        f"cannot reach {target}: connection refused (is `tiality recv` running there?)"
+    }
+    assert changes[-2:] == [
+        StateChange("streaming", "", len(failed), target),
+        StateChange("done", "", 0, target),
+    ]
+    assert sender.stats.attempt == 0 and sender.stats.state == "done"
