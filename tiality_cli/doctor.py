@@ -571,7 +571,7 @@ def run(options: DoctorOptions, progress: Progress | None = None, clock: Clock =
         say(f"listening to {options.input_uri} for {options.listen_s:g} s")
         inp = check_input(options.input_uri, options.fmt, options.capture, options.listen_s, clock)
         checks += inp.checks
-        capture_ms, capture_detail = inp.capture_ms, inp.capture_detail or capture_detail
+        capture_ms, capture_detail = inp.capture_ms, inp.capture_detail or "the input did not open"
     output_ms: float | None = None
     output_detail, output_basis = "no output checked (--no-output)", "not measured"
     if options.output_uri is not None:
