@@ -246,3 +246,31 @@ def test_config_with_a_command_line_shows_the_typed_options_as_cli(layout: Layou
     assert entry(doc, "send", "bitrate") == (96.0, "env")
     proc = layout.run("config", "demo")
     assert proc.returncode == 2 and one_line(proc) == "tiality: 'demo': tiality config shows send or recv"
+
+
+def test_a_token_from_the_environment_beats_a_token_file_from_a_config_file(layout: Layout) -> None:
+    from tiality_cli.config import ServerSecurity
+    from tiality_cli.io.files import NullSink
+    from tiality_cli.receiver import Receiver, ReceiverConfig
+
+    stale = layout.home / "stale-token"
+    stale.write_text("old-token\n")
+    layout.user.write_text(f'[send]\ntoken-file = "{stale}"\n')
+    rx = Receiver(NullSink(), ReceiverConfig(port=0, bind="127.0.0.1", security=ServerSecurity(token="new")))
+    port = rx.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        verdicts = {}
+        for label, variables in (("file", {}), ("env", {"TIALITY_TOKEN": "new"})):
+            proc = layout.run("doctor", target, "--no-input", "--no-output", "--json", **variables)
+            (token,) = [c for c in json.loads(proc.stdout)["checks"] if c["name"] == "token"]
+            verdicts[label] = (proc.returncode, token["status"], token["detail"])
+        # --token-file typed on the command line beats TIALITY_TOKEN
+        typed = layout.run(
+            "doctor", target, "--no-input", "--no-output", "--token-file", str(stale), TIALITY_TOKEN="new"
+        )
+    finally:
+        rx.stop()
+    assert verdicts["file"] == (2, "fail", f"{target} refused: wrong token")
+    assert verdicts["env"] == (0, "pass", "accepted")
+    assert typed.returncode == 2

@@ -21,6 +21,7 @@ from tiality_cli.cli.common import (
     _read_pem,
     _resolve_token,
     _stderr,
+    _stronger,
     _typed,
     guarded,
     stop_on_signals,
@@ -180,7 +181,12 @@ def send(
         capture = CaptureOptions(capture_channels, _parse_channel_map(channel_map), downmix)
         source = open_source(uri, fmt, capture)
         security = ClientSecurity(
-            token=_resolve_token(token, token_file, typed=_typed(ctx, "token")),
+            token=_resolve_token(
+                token,
+                token_file,
+                typed=_typed(ctx, "token"),
+                token_first=_stronger(ctx, "token", "token_file"),
+            ),
             tls=tls or any((tls_ca, tls_cert, tls_key)),
             ca_pem=_read_pem(tls_ca, "--tls-ca"),
             cert_pem=_read_pem(tls_cert, "--tls-cert"),
@@ -291,7 +297,12 @@ def recv(
         if max_senders < 1:
             raise ConfigError(f"--max-senders {max_senders}: must be at least 1")
         security = ServerSecurity(
-            token=_resolve_token(token, token_file, typed=_typed(ctx, "token")),
+            token=_resolve_token(
+                token,
+                token_file,
+                typed=_typed(ctx, "token"),
+                token_first=_stronger(ctx, "token", "token_file"),
+            ),
             cert_pem=_read_pem(tls_cert, "--tls-cert"),
             key_pem=_read_pem(tls_key, "--tls-key"),
             client_ca_pem=_read_pem(tls_client_ca, "--tls-client-ca"),

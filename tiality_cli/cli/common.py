@@ -94,10 +94,28 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def _resolve_token(token: str | None, token_file: str | None, typed: bool = True) -> str | None:
+_SOURCE_RANK = {"COMMANDLINE": 4, "ENVIRONMENT": 3, "DEFAULT_MAP": 2, "DEFAULT": 1}
+
+
+def _stronger(ctx: typer.Context, first: str, second: str) -> bool:
+    """Whether option ``first`` comes from a stronger source than ``second`` (cli > env > file > default)."""
+
+    def rank(name: str) -> int:
+        source = ctx.get_parameter_source(name)
+        return _SOURCE_RANK.get(source.name, 0) if source is not None else 0
+
+    return rank(first) > rank(second)
+
+
+def _resolve_token(
+    token: str | None, token_file: str | None, typed: bool = True, token_first: bool = False
+) -> str | None:
     """--token-file, then --token (from the command line, TIALITY_TOKEN or a config file), then
-    $TIALITY_TOKEN. A token ``typed`` on the command line is visible in the process list, so it earns a
-    warning; the file and the environment do not."""
+    $TIALITY_TOKEN; ``token_first`` when --token comes from a stronger source than --token-file (e.g.
+    TIALITY_TOKEN over a token-file in a config file). A token ``typed`` on the command line is visible
+    in the process list, so it earns a warning; the file and the environment do not."""
+    if token_first and token is not None:
+        token_file = None
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as f:

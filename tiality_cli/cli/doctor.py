@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
 
 
 def doctor(
+    ctx: typer.Context,
     target: Annotated[
         str | None,
         typer.Argument(help="The receiver as HOST:PORT, to check the network, TLS and the token too."),
@@ -114,6 +115,7 @@ def doctor(
         _read_pem,
         _resolve_token,
         _stderr,
+        _stronger,
         guarded,
     )
 
@@ -145,7 +147,9 @@ def doctor(
             raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
         endpoint = parse_endpoint(target) if target else None
         security = ClientSecurity(
-            token=_resolve_token(token, token_file, typed=False),
+            token=_resolve_token(
+                token, token_file, typed=False, token_first=_stronger(ctx, "token", "token_file")
+            ),
             tls=tls or any((tls_ca, tls_cert, tls_key)),
             ca_pem=_read_pem(tls_ca, "--tls-ca"),
             cert_pem=_read_pem(tls_cert, "--tls-cert"),
