@@ -35,6 +35,8 @@ from tiality_cli.codec import OpusDecoder, OpusEncoder
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.errors import SinkError, SourceError
 from tiality_cli.io.base import STALL_S, Sink, Source, to_int16
+from tiality_cli.levelcheck import ChannelLevel, channel_levels
+from tiality_cli.levelcheck import LevelMeter as ChannelMeter
 from tiality_cli.playout import PlayoutConfig, StreamPlayout
 from tiality_cli.stats import LevelMeter, ReceiverStats, Window, levels
 
@@ -288,6 +290,7 @@ class LoopbackResult:
     drift_ppm: float = 0.0  # live: how fast the mic's clock runs against the speaker's, as measured
     recording: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
     decoded: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
+    channels: tuple[ChannelLevel, ...] = ()  # the input's level per encoded channel (levelcheck)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures (no audio)."""
@@ -312,6 +315,7 @@ class LoopbackResult:
             "starved_frames": self.starved_frames,
             "dropped_frames": self.dropped_frames,
             "drift_ppm": self.drift_ppm,
+            "input_channels": [c.as_dict() for c in self.channels],
         }
         return out
 
@@ -350,6 +354,7 @@ def run_loopback(
         underruns=played.underruns,
         recording=rec.pcm,
         decoded=coded.pcm,
+        channels=tuple(channel_levels(rec.pcm)),
     )
 
 
@@ -420,6 +425,7 @@ def run_live(
     trip = _RoundTrip(fmt, codec, capacity)
     frame = np.zeros((n, fmt.channels), dtype=np.int16)
     meter = LevelMeter(frame.shape)
+    per_channel = ChannelMeter(fmt.channels, n)
     failure: list[BaseException] = []
 
     def capture() -> None:
@@ -435,6 +441,7 @@ def run_live(
                     flush -= 1  # held by the device before the loop ran: a frame would be ~T old
                     continue
                 meter.add(frame)
+                per_channel.add(frame)
                 engine.push(seq, t, trip.run(frame))
                 seq += 1
         except BaseException as exc:  # re-raised on the caller's thread
@@ -491,4 +498,5 @@ def run_live(
         starved_frames=stats.concealed + stats.inserted,
         dropped_frames=stats.skipped + stats.late,
         drift_ppm=stats.drift_ppm,
+        channels=tuple(per_channel.levels()),
     )

@@ -17,7 +17,7 @@ import random
 import socket
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +76,23 @@ class SendResult:
     reconnects: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One change of ``SenderStats.state``, handed to ``Sender.on_state`` (a log, a GUI's status line).
+
+    ``attempt`` counts the connection attempts of the current outage: on ``reconnecting`` and ``failed``
+    the number of the attempt that just failed, on ``streaming`` how many failed before it (0: none).
+    """
+
+    state: str  # connecting, streaming, reconnecting, done, failed
+    reason: str  # why: the error of the failed attempt ("" for connecting, streaming, done)
+    attempt: int
+    target: str  # the receiver, HOST:PORT
+
+
+StateListener = Callable[[StateChange], None]
+
+
 class SenderStats:
     """Live counters (written by the capture and network threads; read by presenters)."""
 
@@ -92,6 +109,7 @@ class SenderStats:
         self.reconnects = 0  # streams re-opened after the receiver went away or the link broke
         self.last_error = ""  # why the last attempt failed (shown while reconnecting)
         self.capture_dropped_ms = 0.0  # stale audio the capture device had queued, dropped to stay fresh
+        self.attempt = 0  # failed connection attempts in a row (0 while streaming)
 
     @property
     def level_dbfs(self) -> float:
@@ -129,6 +147,18 @@ class Sender:
         self.clock_filter = ClockFilter()
         self._clock_pending: ClockEstimate | None = None
         self._next_seq = 0  # the sequence number of the next frame captured
+        # Called on the sender's threads at each state change (a few times per connection, never per
+        # packet); it must return quickly. The CLI logs them; a GUI can show them.
+        self.on_state: StateListener | None = None
+
+    def _set_state(self, state: str, reason: str = "") -> None:
+        st = self.stats
+        if state == st.state and state not in ("reconnecting", "failed"):
+            return
+        st.state = state
+        listener = self.on_state
+        if listener is not None:
+            listener(StateChange(state, reason, st.attempt, self.config.endpoint.target))
 
     def _grpc_link(self) -> Link:
         from tiality_cli.net.client import GrpcLink
@@ -204,7 +234,8 @@ class Sender:
             name=f"{cfg.name} {self.source.name}",
             first_sequence=self._backlog[0][0] if self._backlog else self._next_seq,
         )
-        st.state = "streaming"
+        self._set_state("streaming")
+        st.attempt = 0
         backlog, ready = self._backlog, self._ready
         while True:
             est = self._clock_pending
@@ -238,22 +269,26 @@ class Sender:
                 try:
                     summary = self._stream_once()
                     break
-                except (AuthError, RejectedError):
-                    st.state = "failed"
+                except (AuthError, RejectedError) as exc:
+                    st.attempt += 1
+                    st.last_error = str(exc)
+                    self._set_state("failed", str(exc))
                     raise
                 except ConnectError as exc:
-                    if not self.config.reconnect or self._stop.is_set() or self._captured_all.is_set():
-                        st.state = "failed"
-                        raise
-                    st.state = "reconnecting"
+                    st.attempt += 1
                     st.last_error = str(exc)
+                    if not self.config.reconnect or self._stop.is_set() or self._captured_all.is_set():
+                        self._set_state("failed", str(exc))
+                        raise
+                    self._set_state("reconnecting", str(exc))
                     if self._stop.wait(delay * random.uniform(0.8, 1.2)):
                         raise
                     delay = min(BACKOFF_MAX_S, delay * 2)
                     st.reconnects += 1
             if self._capture_error is not None:
+                self._set_state("failed", str(self._capture_error))
                 raise self._capture_error
-            st.state = "done"
+            self._set_state("done")
             return SendResult(
                 packets_sent=st.packets_sent,
                 bytes_sent=st.bytes_sent,
@@ -277,7 +312,8 @@ class Sender:
         link = self._connect()
         done = threading.Event()
         try:
-            st.state = "connecting"
+            if st.state == "starting":
+                self._set_state("connecting")  # later attempts stay "reconnecting", with the last reason
             link.wait_ready(self.config.connect_timeout_s)
             if self.config.clock_sync:
                 self._probe_clock(link, 8)

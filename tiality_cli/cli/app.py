@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -21,43 +21,72 @@ from tiality_cli.cli.common import (
     _read_pem,
     _resolve_token,
     _stderr,
+    _stronger,
+    _typed,
     guarded,
     stop_on_signals,
 )
+from tiality_cli.cli.settings import RecvCommand, SendCommand
 from tiality_cli.config import DEFAULT_PORT
 from tiality_cli.errors import ConfigError
 
 # gRPC's C core logs its own copy of errors we already report in one line; keep stderr to that line.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-if TYPE_CHECKING:
-    pass
-
-
 app = typer.Typer(
     name="tiality",
     help="Live audio from a robot's Raspberry Pi to its operator: capture, Opus, gRPC, adaptive playout.",
+    epilog=(
+        "Every option of send and recv can also be set by a TIALITY_<OPTION> variable or in "
+        "~/.config/tiality/tiality.toml or /etc/tiality/tiality.toml (\\[send], \\[recv]); "
+        "`tiality config` shows what is in effect."
+    ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        print(f"tiality {version('tiality')}")
+    except PackageNotFoundError:
+        print("tiality (version unknown: the package is not installed)")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Live audio from a robot's Raspberry Pi to its operator: capture, Opus, gRPC, adaptive playout."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # send
 # ---------------------------------------------------------------------------------------------------------
 @app.command(
+    cls=SendCommand,
     epilog=(
         "Examples:\n\n"
         "  tiality send gui-host:50052                      # default mic, 48 kHz stereo, 20 ms Opus\n\n"
         "  tiality send 127.0.0.1:50052 -i file:speech.wav\n\n"
         "  tiality send 127.0.0.1:50052 -i tone://440 --seconds 5 --frame-ms 10 --bitrate 32\n\n"
-        "  tiality send gui-host -i alsa://hw:1,0 --capture-channels 4 --channel-map 0,1"
-    )
+        "  tiality send gui-host -i alsa://hw:1,0 --capture-channels 4 --channel-map 0,1\n\n"
+        "  TIALITY_TARGET=gui-host:50052 TIALITY_FRAME_MS=10 tiality send   # or [send] in tiality.toml"
+    ),
 )
 def send(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="Receiver as HOST:PORT (port defaults to 50052).")],
     input_: Annotated[
         str | None,
@@ -156,7 +185,12 @@ def send(
         capture = CaptureOptions(capture_channels, _parse_channel_map(channel_map), downmix)
         source = open_source(uri, fmt, capture)
         security = ClientSecurity(
-            token=_resolve_token(token, token_file),
+            token=_resolve_token(
+                token,
+                token_file,
+                typed=_typed(ctx, "token"),
+                token_first=_stronger(ctx, "token", "token_file"),
+            ),
             tls=tls or any((tls_ca, tls_cert, tls_key)),
             ca_pem=_read_pem(tls_ca, "--tls-ca"),
             cert_pem=_read_pem(tls_cert, "--tls-cert"),
@@ -189,16 +223,19 @@ def _default_output() -> str:
 # recv
 # ---------------------------------------------------------------------------------------------------------
 @app.command(
+    cls=RecvCommand,
     epilog=(
         "Examples:\n\n"
         "  tiality recv                                     # port 50052, default speakers\n\n"
         "  tiality recv --port 50052 -o file:heard.wav --seconds 10\n\n"
         "  tiality recv -o null:// --json                   # figures only, JSON lines\n\n"
         "  tiality recv --once -o file:one-stream.wav       # exit when the first stream ends\n\n"
-        "  tiality recv --record session.opus               # keep the received packets (Ogg Opus)"
-    )
+        "  tiality recv --record session.opus               # keep the received packets (Ogg Opus)\n\n"
+        "  TIALITY_PORT=50060 tiality recv                  # or [recv] port = 50060 in tiality.toml"
+    ),
 )
 def recv(
+    ctx: typer.Context,
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = DEFAULT_PORT,
     bind: Annotated[str, typer.Option(help="Local address to listen on (:: = all, IPv4 and IPv6).")] = "::",
     output: Annotated[
@@ -264,7 +301,12 @@ def recv(
         if max_senders < 1:
             raise ConfigError(f"--max-senders {max_senders}: must be at least 1")
         security = ServerSecurity(
-            token=_resolve_token(token, token_file),
+            token=_resolve_token(
+                token,
+                token_file,
+                typed=_typed(ctx, "token"),
+                token_first=_stronger(ctx, "token", "token_file"),
+            ),
             cert_pem=_read_pem(tls_cert, "--tls-cert"),
             key_pem=_read_pem(tls_key, "--tls-key"),
             client_ca_pem=_read_pem(tls_client_ca, "--tls-client-ca"),
@@ -380,8 +422,12 @@ def demo(
 
 def _register_device_commands() -> None:
     from tiality_cli.cli import devices as cli_devices
+    from tiality_cli.cli import doctor as cli_doctor
+    from tiality_cli.cli import settings as cli_settings
 
     cli_devices.register(app)
+    cli_doctor.register(app)
+    cli_settings.register(app)
 
 
 _register_device_commands()

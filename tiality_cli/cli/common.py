@@ -31,7 +31,10 @@ def _stderr() -> Console:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Prints one line on stderr and returns the Exit to raise."""
-    _stderr().print(f"[bold red]tiality:[/] {message}", markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages quote user input, and "[send]" or "[::1]:50052" are not markup
+    _stderr().print(f"[bold red]tiality:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -85,9 +88,34 @@ def _parse_latency(text: str) -> float | None:
 TOKEN_HELP = "Shared secret required on every stream (or TIALITY_TOKEN, or --token-file)."
 
 
-def _resolve_token(token: str | None, token_file: str | None) -> str | None:
-    """--token-file, then --token, then $TIALITY_TOKEN. A token typed on the command line is visible in
-    the process list, so it earns a warning; the file and the environment do not."""
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the option's value was typed on the command line (not from a variable, a file, a default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+_SOURCE_RANK = {"COMMANDLINE": 4, "ENVIRONMENT": 3, "DEFAULT_MAP": 2, "DEFAULT": 1}
+
+
+def _stronger(ctx: typer.Context, first: str, second: str) -> bool:
+    """Whether option ``first`` comes from a stronger source than ``second`` (cli > env > file > default)."""
+
+    def rank(name: str) -> int:
+        source = ctx.get_parameter_source(name)
+        return _SOURCE_RANK.get(source.name, 0) if source is not None else 0
+
+    return rank(first) > rank(second)
+
+
+def _resolve_token(
+    token: str | None, token_file: str | None, typed: bool = True, token_first: bool = False
+) -> str | None:
+    """--token-file, then --token (from the command line, TIALITY_TOKEN or a config file), then
+    $TIALITY_TOKEN; ``token_first`` when --token comes from a stronger source than --token-file (e.g.
+    TIALITY_TOKEN over a token-file in a config file). A token ``typed`` on the command line is visible
+    in the process list, so it earns a warning; the file and the environment do not."""
+    if token_first and token is not None:
+        token_file = None
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as f:
@@ -100,12 +128,13 @@ def _resolve_token(token: str | None, token_file: str | None) -> str | None:
     if token is not None:
         if not token:
             raise ConfigError("--token: empty")
-        _stderr().print(
-            "tiality: warning: --token is visible to other users in the process list; "
-            "prefer TIALITY_TOKEN or --token-file",
-            markup=False,
-            highlight=False,
-        )
+        if typed:
+            _stderr().print(
+                "tiality: warning: --token is visible to other users in the process list; "
+                "prefer TIALITY_TOKEN or --token-file",
+                markup=False,
+                highlight=False,
+            )
         return token
     return os.environ.get("TIALITY_TOKEN") or None
 

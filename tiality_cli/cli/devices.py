@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from rich.progress import Progress
     from rich.table import Table
 
+    from tiality_cli.io.base import CaptureOptions
     from tiality_cli.io.listing import DeviceList
+    from tiality_cli.levelcheck import LevelVerdict
     from tiality_cli.loopback import LoopbackResult, ProgressFn
 
 DEVICES_EPILOG = (
@@ -211,14 +213,49 @@ def loopback(
                     result = run_loopback(source, sink, seconds, codec, record_cb, play_cb)
         finally:
             sink.close()
+        verdict = input_verdict(result, source.name, fmt.channels, capture)
         if json_:
-            print(json.dumps(result.as_dict(), indent=2))
+            out = result.as_dict()
+            out["input_check"] = {"status": verdict.status, "detail": verdict.detail, "fix": verdict.fix}
+            print(json.dumps(out, indent=2))
         else:
             from rich.console import Console
 
             Console().print(result_table(result))
+        if verdict.status != "pass":  # on stderr, also with --json: the figures stay parseable
+            from tiality_cli.cli.common import _stderr
+
+            _stderr().print(
+                f"tiality loopback: warning: input {verdict.detail}. Fix: {verdict.fix}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
     guarded(body)
+
+
+def input_verdict(
+    result: LoopbackResult, uri: str, stream_channels: int, capture: CaptureOptions
+) -> LevelVerdict:
+    """Is the recorded input silent or clipped? Channels are named as ``--channel-map`` numbers them."""
+    from dataclasses import replace
+
+    from tiality_cli.io.routing import resolve_capture
+    from tiality_cli.levelcheck import assess_levels
+
+    device = uri.startswith(("alsa://", "sd://"))
+    router = resolve_capture(result.format, capture) if device else None
+    if router is not None and not router.downmix:
+        labels = list(router.channel_map)
+    else:
+        labels = list(range(stream_channels))
+    levels = [replace(lv, channel=labels[i]) for i, lv in enumerate(result.channels)]
+    if router is not None and router.downmix:
+        levels = levels[:1]  # every stream channel is the same average
+        labels = labels[:1]
+    unique = list({lv.channel: lv for lv in levels}.values())
+    return assess_levels(unique, labels, stream_channels, downmix=router is not None and router.downmix)
 
 
 def result_table(result: LoopbackResult) -> Table:

@@ -15,11 +15,13 @@ signal handlers set; a GUI would read ``Receiver.snapshot()`` / ``session_views(
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -42,7 +44,7 @@ from tiality_cli.cli.view import (
 )
 from tiality_cli.io.base import ClockedSink
 from tiality_cli.receiver import Receiver
-from tiality_cli.sender import Sender
+from tiality_cli.sender import Sender, StateChange
 from tiality_cli.stats import Rates, StatsSnapshot, gain_db
 
 REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
@@ -151,12 +153,14 @@ def present(
     json_: bool,
     quiet: bool,
     keys: Keys | None = None,
+    events: Callable[[], list[str]] | None = None,
 ) -> None:
     """Shows figures until ``finished()`` holds; ``stop`` being set (a signal, or ``q``) calls ``on_stop``
     once.
 
     ``table`` builds the live view (called once per refresh, on terminals), ``line`` one JSON or log line.
-    ``keys`` maps characters to actions while the live view shows; ``q`` always stops.
+    ``keys`` maps characters to actions while the live view shows; ``q`` always stops. ``events`` returns
+    the log lines that happened since its last call (state changes): printed at once without a terminal.
     """
     wake = threading.Event()  # a key was pressed: refresh now
     stopped = False
@@ -194,12 +198,19 @@ def present(
         return
     if quiet or not sys.stdout.isatty():
         last = time.monotonic()
+
+        def log_events() -> None:
+            for text in events() if events is not None and not quiet else ():
+                print(text, flush=True)
+
         for _ in ticks(REFRESH_S):
+            log_events()
             if not quiet and time.monotonic() - last >= LOG_EVERY_S:
                 last = time.monotonic()
                 text = line()
                 if text:
                     print(text, flush=True)
+        log_events()  # the last changes (done, failed) before the summary or the error line
         return
 
     from rich.console import Console
@@ -251,13 +262,78 @@ def sender_fields(sender: Sender, rates: Rates, now_s: float) -> dict[str, Any]:
         "clock_offset_ms": None if best is None else round(best.offset_ns / 1e6, 3),
         "reconnects": st.reconnects,
         "last_error": st.last_error,
+        "attempt": st.attempt,
     }
+
+
+class StateLog:
+    """Turns the sender's state changes into log lines, with the reason and the attempt number.
+
+    Every change of state is logged (connecting, streaming, reconnecting, done, failed). During an outage
+    the sender retries about twice a second, so the failed attempts themselves are logged the first
+    ``FIRST_ATTEMPTS`` times, whenever the reason changes, and otherwise at most once every ``EVERY_S``:
+    a robot left without its receiver for a night writes a line per 5 s, not 170,000.
+
+    ``add`` runs on the sender's threads (a deque append); ``lines`` on the presenter's.
+    """
+
+    FIRST_ATTEMPTS = 3
+    EVERY_S = LOG_EVERY_S
+
+    def __init__(self, prefix: str = "tiality send", clock: Callable[[], float] = time.monotonic) -> None:
+        self._prefix = prefix
+        self._clock = clock
+        self._pending: deque[tuple[float, StateChange]] = deque(maxlen=256)
+        self._last: StateChange | None = None
+        self._last_logged_s = -math.inf
+        self._outage_start_s = 0.0
+
+    def add(self, change: StateChange) -> None:
+        self._pending.append((self._clock(), change))
+
+    def lines(self) -> list[str]:
+        out: list[str] = []
+        while self._pending:
+            t, change = self._pending.popleft()
+            text = self._line(t, change)
+            if text is not None:
+                out.append(f"{self._prefix}: {text}")
+        return out
+
+    def _line(self, t: float, c: StateChange) -> str | None:
+        prev, self._last = self._last, c
+        if c.state == "reconnecting":
+            new = prev is None or prev.state != "reconnecting"
+            if new:
+                self._outage_start_s = t
+            elif (
+                prev is not None
+                and c.attempt > self.FIRST_ATTEMPTS
+                and c.reason == prev.reason
+                and t - self._last_logged_s < self.EVERY_S
+            ):
+                return None
+            self._last_logged_s = t
+            return f"reconnecting: {c.reason} (attempt {c.attempt})"
+        self._last_logged_s = t
+        if c.state == "connecting":
+            return f"connecting to {c.target}"
+        if c.state == "streaming":
+            if prev is not None and prev.state == "reconnecting":
+                down = t - self._outage_start_s
+                return f"streaming to {c.target} again (after {c.attempt} failed attempt(s), {down:.1f} s)"
+            return f"streaming to {c.target}"
+        if c.state == "failed":
+            return f"failed: {c.reason} (attempt {c.attempt})"
+        return c.state
 
 
 def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: bool) -> None:
     """Runs the sender on a thread and presents its figures until it ends; re-raises its error."""
 
     outcome: dict[str, Any] = {}
+    log = StateLog()
+    sender.on_state = log.add
 
     def work() -> None:
         try:
@@ -282,6 +358,7 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
         line=lambda: json_line(fields()) if json_ else send_plain_line(monitor.frame(fields())),
         json_=json_,
         quiet=quiet,
+        events=log.lines,
     )
     thread.join()
     if "error" in outcome:

@@ -644,7 +644,9 @@ def send_lines(f: SendFrame, width: int = 120) -> list[Line]:
     state = str(d["state"])
     state_line: Line = [(state, _SEND_STATE_STYLE.get(state, ""))]
     if d.get("last_error") and state != "streaming":
-        state_line.append((f"  ({d['last_error']})", "dim"))
+        attempt = int(d.get("attempt") or 0)
+        tail = f"; attempt {attempt}" if attempt and state in ("reconnecting", "failed") else ""
+        state_line.append((f"  ({d['last_error']}{tail})", "dim"))
     captured = int(d["frames_captured"])
     dropped = int(d["dropped"])
     level = level_meter(float(d["level_dbfs"]), f.peak_hold_dbfs)

@@ -89,6 +89,23 @@ class GrpcLink:
             return None
         return sample(t0, reply.receiver_receive_ns, reply.receiver_send_ns, wall_ns())
 
+    def probe_clock_checked(self, wall_ns: Callable[[], int], timeout_s: float = 2.0) -> ClockSample:
+        """One clock exchange that says why it failed: AuthError when the receiver refuses the token
+        (``tiality doctor`` tells "wrong token" apart from "unreachable"), RejectedError when it has no
+        Clock method (an older receiver), ConnectError otherwise."""
+        t0 = wall_ns()
+        try:
+            reply = self._stub.Clock(
+                pb.ClockProbe(sender_send_ns=t0), timeout=timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            details = (err.details() if hasattr(err, "details") else "") or ""
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise AuthError(f"{self.target} refused: {details or code.name.lower()}") from None
+            raise map_rpc_error(err, self.target) from None
+        return sample(t0, reply.receiver_receive_ns, reply.receiver_send_ns, wall_ns())
+
     def stream(self, items: Iterator[Outgoing]) -> StreamTotals:
         try:
             summary = self._stub.Stream(map(message, items), metadata=self._metadata, wait_for_ready=False)
