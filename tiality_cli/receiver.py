@@ -222,12 +222,13 @@ class Receiver:
             self._acc = np.zeros((n, out.shape[1]), dtype=np.float32)
             self._tmp = np.zeros_like(self._acc)
         acc = self._acc[:n]
-        playing = sessions[0].playout.pull(acc)
+        delay = int(getattr(self.sink, "delay_ns", 0))  # this block's time to the DAC, for latency_ms
+        playing = sessions[0].playout.pull(acc, delay)
         done = sessions[0].playout.state == State.FINISHED
         if len(sessions) > 1:
             tmp = self._tmp[:n]
             for s in sessions[1:]:
-                if s.playout.pull(tmp):
+                if s.playout.pull(tmp, delay):
                     playing = True
                     acc += tmp
                 done = done or s.playout.state == State.FINISHED
@@ -267,7 +268,14 @@ class Receiver:
             if not self._sink_started:
                 self._start_sink(fmt)
             out = self.sink.format or fmt
-            playout = StreamPlayout(fmt, out, self.config.playout, self.clock, fec=info.fec)
+            playout = StreamPlayout(
+                fmt,
+                out,
+                self.config.playout,
+                self.clock,
+                fec=info.fec,
+                lookahead_samples=info.algorithm_delay,
+            )
             s = Session(
                 id=self._next_id,
                 peer=peer,
