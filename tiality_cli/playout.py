@@ -1,44 +1,70 @@
-"""The playout engine for one stream: jitter buffer, decode/FEC/PLC, latency control, drift compensation.
+"""The playout engine for one stream: jitter buffer, decode/FEC/PLC, output FIFO, resampling.
 
-Clocked by its user: the sink calls ``pull(out)`` once per output period and gets exactly ``len(out)``
-samples; the network thread only ``push()``es packets into a queue (the two share nothing else, so no
-locks). Everything the engine decides is derived from two clocks it is given: arrival times and pull
-times, both on the receiver's monotonic clock, so it runs unchanged on a simulated clock in tests.
+Clocked by its user: the sink calls ``pull(out, output_delay_ns)`` once per output period and gets
+exactly ``len(out)`` samples; the network thread only ``push()``es packets into a queue (the two share
+nothing else, so no locks). Everything is derived from two clocks it is given: arrival times and pull
+times, both on the receiver's monotonic clock, so it runs unchanged on a simulated clock in tests. What
+to do about latency is decided by a ``tiality_cli.control.LatencyController``, which sees only times and
+sample counts; this module does what it says to the audio.
 
 How latency is controlled (all figures in receiver time):
   * s_k is packet k's slot on the sender's schedule as the receiver sees it: k * T / (1 + drift), drift
     being the estimate of how fast the sender's clock runs against ours. r_k = arrival_k - s_k is k's
     arrival relative to that schedule; m = min r over a sliding window (2 s) is the earliest any packet
     could have arrived, and j_k = r_k - m is k's network jitter. When the drift estimate changes, the
-    schedule pivots at the playout position and the window is re-evaluated on it: r does not creep,
-    and m does not lag behind a slow sender (whose r would rise, leaving the old minimum in place).
+    schedule pivots at the playout position and the window is re-evaluated on it.
   * B = (when the first sample of frame ``next_seq`` plays) - (s_next + m) is the playout delay beyond
-    the earliest arrivals: what the buffer holds. The frame is decoded at the pull that needs it, the
-    one whose block holds that sample: a packet with j_k > B is late, one with j_k <= B - block is sure
-    to be in time. Without resampling, frames of whole blocks start blocks, and j_k <= B is in time;
-    with it, the frames slide across the sink's block grid, so an auto target adds a block. (Measuring
-    at the decode pull instead would make B jump by a block at each slide, and the loop chase it.)
-    Play times are read on the sink's own timeline, fitted from below to its pulls: a sink thread that
-    wakes up late, or stalls and catches up, does not make B look larger than it is.
+    the earliest arrivals: what the buffer holds, counting the samples still inside the resampler. Play
+    times are read on the sink's own timeline, fitted from below to its pulls: a sink thread that wakes
+    up late, or stalls and catches up, does not make B look larger than it is. With resampling, frames
+    slide across the sink's block grid, so an auto target adds a block.
   * The target for B is a high percentile of j over the window plus a margin (``--latency auto``), or a
-    fixed value; it rises as soon as the percentile does and falls by at most ``shrink_ms_per_s``. A
-    stall is not jitter: packets that arrive in one clump behind a delayed one (head-of-line blocking,
-    the burst after a stall) carry that one delay again, less a frame each, so only the first counts.
-  * B is steered to the target three ways. The resampling ratio is 1 + drift + a phase term (100 ppm
-    per ms that B is beyond a 2 ms dead band); drift comes from a frequency-locked loop on B's trend
-    (see _track_drift) and is reported in ppm. A whole frame is skipped (a quiet one if possible) when
-    B is over by a frame + 5 ms, and a concealed frame inserted when B is short by a quarter frame (at
-    least 5 ms): small frames would otherwise skip and insert on mere jitter, and after either, B lands
-    short of the other's threshold, so they never alternate.
+    fixed value; it rises as soon as a packet shows more jitter than the percentile (not 8 packets
+    later) and falls by at most ``shrink_ms_per_s``. A stall is not jitter: packets that arrive in one
+    clump (head-of-line blocking, the backlog after a freeze, in any order) were held up together, so
+    the clump counts once, with its largest j; and the percentile never rests on the single largest
+    sample, so one freeze does not lift the target for the window's length. Arrivals before playback
+    starts do not count (the floor is still being found: a start-up burst would look like jitter).
+  * The start: playback begins at the pull in whose block B reaches the target, and exactly there: with
+    resampling, the first frame is preceded by the fraction of a block of silence that puts its first
+    sample at arrival + target (exact mode starts on the next pull, frame-aligned). Frames already older
+    than the target when playback begins (a sender's start-up burst) are dropped unplayed, and the frame
+    the target falls in is entered part-way (``stale_ms``); the last dropped one is decoded unheard so
+    that the first one heard joins on. So B starts on its target whatever came first.
+  * Steering, by at most a 2.5 ms slice at a time (the shortest Opus frame; PLC conceals any multiple of
+    it), never a whole frame. Raising latency is cheap: when B is 3 ms short, a slice of concealment
+    goes in before the next frame, one per frame until B is back. Lowering it is gradual: the resampling
+    ratio is 1 + drift + a phase term (0.2 % per ms beyond a dead band of 2 ms over and 1 ms short of
+    the target, at most 0.5 %, inaudible: 5 ms/s; no band in the first 2 s, while the target settles),
+    and when B is a slice over the band, a slice is dropped from the next decoded frame at its quietest
+    2.5 ms if that is below -40 dBFS; when B is 10 ms over, from its quietest 5 ms anyway (a stretch of
+    1.25-2.5 ms that ends as it began, for voiced sound whole pitch periods, crossfaded over a slice).
+    At most one step per frame. Drift comes from a frequency-locked loop on B's trend
+    (``tiality_cli.control.DriftLoop``), reported in ppm.
+  * Freezes: a sender or a network that stops for a while and then delivers the backlog in a burst
+    costs the frames of the gap (concealed at their turn) but not latency: the backlog is late, dropped
+    and counted, nothing queues up behind it, and B is where it was as soon as packets flow again.
 
 Accounting: a packet that arrives after its frame's turn is ``late`` (dropped, counted once however many
 copies come); a frame is ``lost`` when its packet never came at all (missing at its turn, not late
 since); ``concealed`` counts frames Opus PLC made up for missing or corrupt packets, ``fec_recovered``
-those rebuilt from the next packet's in-band FEC (only when that packet carries some).
+those rebuilt from the next packet's in-band FEC (only when that packet carries some). ``frames_played``
+counts each frame taken in its turn once (decoded, rebuilt or concealed). ``skipped`` and ``inserted``
+count steps (each at most 2.5 ms; ``skipped_ms``/``inserted_ms`` say how much), ``resampled_ms`` what
+the phase term moved.
+
+Latency (``latency_ms``, per decoded frame) runs from the microphone's ADC to the speaker's DAC: the
+capture time on the packet (the ADC time of the frame's first sample), less the encoder's look-ahead
+(the decoded audio starts that much earlier in the signal), to when the frame's first sample is handed
+to the sink, plus the output delay the sink reports for that block. It is split into the stages
+``stage_capture_ms`` (the sender's capture-device delay), ``stage_frame_ms`` (the frame and look-ahead),
+``stage_network_ms``, ``stage_buffer_ms`` (arrival to hand-off) and ``stage_output_ms``, which add up
+to it frame by frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import deque
@@ -51,18 +77,14 @@ import numpy.typing as npt
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.codec import OpusDecoder
 from tiality_cli.config import AudioFormat
+from tiality_cli.control import LatencyController, Start, TargetPolicy
 from tiality_cli.errors import ConfigError, CorruptPacketError
 from tiality_cli.jitter import JitterBuffer, Put, SeqUnwrapper
-from tiality_cli.stats import ReceiverStats, Window
+from tiality_cli.stats import ReceiverStats, frame_levels
 
 F32 = npt.NDArray[np.float32]
-KP = 0.1  # per second: phase gain (1 ms beyond the dead band -> 100 ppm faster; a 10 s time constant)
-DEAD_BAND_NS = 2e6  # B may wander this far from the target before the ratio is bent to steer it
-FLL_BLOCK_NS = 2_000_000_000  # the drift estimator compares the lowest B in the halves of blocks this long
-FLL_MIN_GAIN = 0.02  # its gain falls as 1/n to this floor: it averages, then tracks (a 100 s memory)
-FLOOR_WINDOW_S = 2.0  # m's window: enough packets to find the floor, and a route change's new one in 2 s
-MAX_RATIO_DEV = 0.002  # clamp on drift and on the P term: 0.2 % is 3.5 cents, inaudible
-SINK_WINDOW_S = 0.5  # how much of the sink's audio its timeline is fitted over (see _sink_time)
+QUIET = 328  # int16 peak below -40 dBFS: a slice this quiet is dropped unheard
+MARKS = 64  # latency markers in flight (decoded frames in the FIFO): far more than a pull ever needs
 CAPTURE_LIMIT = 2**63  # capture times are kept in int64: one beyond it (a hostile clock) counts as unknown
 
 
@@ -96,53 +118,6 @@ class State(IntEnum):
     WAITING = 0  # no packet yet, or holding the first ones until the start delay has passed
     PLAYING = 1
     FINISHED = 2  # the sender closed and every frame has been played
-
-
-class _Floor:
-    """m: the minimum of r_k = arrival_k - s_k over the last ``size`` packets that came in time.
-
-    A sliding-window minimum (a monotone deque, O(1) amortised per packet) over r computed on the current
-    schedule; the raw (k, arrival) pairs are kept in a ring too, so that when the schedule pivots to a new
-    clock-rate estimate, the whole window is re-evaluated on it and m does not lag behind. The window
-    counts arrivals, not sequence numbers: the burst after a stall (late, so left out) does not flush it.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._q: deque[tuple[int, int]] = deque()  # (arrival number, r), r increasing
-        self._ring_k = [0] * size
-        self._ring_a = [0] * size
-        self._n = 0
-
-    def add(self, k: int, arrival: int, r: int) -> None:
-        n = self._n
-        i = n % self.size
-        self._ring_k[i], self._ring_a[i] = k, arrival
-        self._n = n + 1
-        q = self._q
-        while q and q[-1][1] >= r:
-            q.pop()
-        q.append((n, r))
-        if q[0][0] <= n - self.size:
-            q.popleft()
-
-    def rebuild(self, sched_t: float, sched_k: int, period: float) -> None:
-        """Re-evaluates the window on the schedule s_k = sched_t + (k - sched_k) * period."""
-        q = self._q
-        q.clear()
-        for n in range(max(0, self._n - self.size), self._n):
-            i = n % self.size
-            r = int(self._ring_a[i] - sched_t - (self._ring_k[i] - sched_k) * period)
-            while q and q[-1][1] >= r:
-                q.pop()
-            q.append((n, r))
-
-    @property
-    def value(self) -> int:
-        return self._q[0][1]
-
-    def __bool__(self) -> bool:
-        return bool(self._q)
 
 
 def _has_fec(packet: bytes) -> bool:
@@ -193,7 +168,10 @@ class StreamPlayout:
         clock: Clock = SYSTEM_CLOCK,
         fec: bool = False,
         stats: ReceiverStats | None = None,
+        lookahead_samples: int = 0,
     ) -> None:
+        """``lookahead_samples``: the encoder's look-ahead (StreamInfo.algorithm_delay), at the stream's
+        rate; the decoded audio of packet k starts that long before frame k's capture time."""
         self.config = cfg = (config or PlayoutConfig()).validate()
         self.stream = stream
         self.output = output
@@ -202,122 +180,128 @@ class StreamPlayout:
         self.stats = stats or ReceiverStats(stream.frame_ms)
         self.state = State.WAITING
         self.finished = threading.Event()
-        self._inbox: deque[tuple[int, int, bytes, int] | None] = deque()
+        # (sequence, capture time, payload, arrival time, capture-device delay); None: the end
+        self._inbox: deque[tuple[int, int, bytes, int, int] | None] = deque()
         self._ended = False
 
-        self._T = stream.frame_ns
+        self._frame_ns = frame_ns = stream.frame_ns
         self._frame_out = output.sample_rate * stream.frame_us // 1_000_000
-        self._rate_out = output.sample_rate
-        frames_max = max(1, math.ceil(cfg.max_latency_ms * 1e6 / self._T))
+        self._rate = output.sample_rate
+        self._lookahead_ns = lookahead_samples * 1_000_000_000 // stream.sample_rate
+        frames_max = max(1, math.ceil(cfg.max_latency_ms * 1e6 / frame_ns))
         cap = 16
         while cap < 4 * frames_max + 8:
             cap *= 2
         self.jb = JitterBuffer(cap)
+        self._mask = cap - 1
+        self._arrival = [0] * cap  # per buffered frame (at seq & mask): when its packet arrived
+        self._capture_delay = [0] * cap  # ... and the capture-device delay the sender reported for it
         self._unwrap = SeqUnwrapper()
         self.decoder = OpusDecoder(output.sample_rate, output.channels, self._frame_out)
 
+        fec_ns = frame_ns if self.fec else 0  # FEC needs the next packet in hand: a frame more
+        policy = TargetPolicy(
+            fixed_ns=None if cfg.latency_ms is None else cfg.latency_ms * 1e6,
+            max_ns=cfg.max_latency_ms * 1e6,
+            start_ns=cfg.start_latency_ms * 1e6 + fec_ns,
+            margin_ns=cfg.margin_ms * 1e6 + fec_ns,
+            percentile=cfg.jitter_percentile,
+            window=max(8, int(cfg.jitter_window_s * 1e9 / frame_ns)),
+            shrink_ns_per_s=cfg.shrink_ms_per_s * 1e6,
+        )
+        self.control = LatencyController(frame_ns, output.sample_rate, policy, cfg.drift_compensation)
+        self._slice = self.control.slice
+
         # Output FIFO (float32 at the output rate), filled a frame at a time, emptied by pull().
-        self._fifo = np.zeros((self._frame_out * 8 + 4096, output.channels), dtype=np.float32)
-        self._fr = 0
-        self._fw = 0
-        self._f32 = np.zeros((self.decoder.output.shape[0], output.channels), dtype=np.float32)
+        channels = output.channels
+        self._fifo = np.zeros((self._frame_out * 8 + 4096, channels), dtype=np.float32)
+        self._head = 0  # the next sample to hand out
+        self._tail = 0  # where the next one is written
+        self._frame = np.zeros((self.decoder.output.shape[0], channels), dtype=np.float32)
+        self._spliced = np.zeros_like(self._frame)  # a frame with a slice cut out
+        self._fade = ((np.arange(self._slice, dtype=np.float32) + 0.5) / self._slice)[:, None]
         self._resampler = None
         if cfg.drift_compensation:
             import samplerate
 
-            self._resampler = samplerate.Resampler(cfg.resampler, channels=output.channels)
-        # Latency markers: output sample position of a decoded frame's first sample, and its capture time.
-        self._mk_pos = np.zeros(64, dtype=np.int64)
-        self._mk_cap = np.zeros(64, dtype=np.int64)
-        self._mk_r = 0
-        self._mk_w = 0
-        self._out_pos = 0  # samples handed to the sink so far
-        self._written_pos = 0  # samples appended to the FIFO so far
+            self._resampler = samplerate.Resampler(cfg.resampler, channels=channels)
+        # Positions on the output timeline, in samples since the start.
+        self._handed = 0  # handed to the sink
+        self._due = 0.0  # where the next decoded sample comes out (those still in the resampler count)
+        # Latency markers, a ring: per decoded frame, where its first sample comes out, and its times.
+        self._mark_pos = np.zeros(MARKS, dtype=np.float64)
+        self._mark_capture = np.zeros(MARKS, dtype=np.int64)
+        self._mark_arrival = np.zeros(MARKS, dtype=np.int64)
+        self._mark_capture_delay = np.zeros(MARKS, dtype=np.int64)
+        self._mark_read = 0
+        self._mark_write = 0
+        self._trim = 0  # samples to cut from the front of the next decoded frame (entering it at the start)
+        self._inserted = False  # a slice was inserted since the last frame
+        self.latency_ns = math.nan  # the latest decoded frame's ADC-to-DAC latency
 
-        # Latency control state.
-        win = max(8, int(cfg.jitter_window_s * 1e9 / self._T))
-        self._floor = _Floor(max(8, min(win, int(FLOOR_WINDOW_S * 1e9 / self._T))))
-        self._jit = Window(win)
         self._k0 = 0  # where playout started (or last resynchronised)
         self._first_arrival = 0
-        # The sender's schedule in receiver time: s_k = _sched_t + (k - _sched_k) * _period.
-        self._sched_k = 0
-        self._sched_t = 0.0
-        self._period = float(self._T)
-        self._last_arrival = 0
-        self._last_j = 0  # jitter of the previous arrival, to spot clumps
         self._newest_k = 0  # the highest sequence seen since the last resync, and its capture time
         self._newest_capture = 0
-        self._since_quantile = 0
-        self._fec_ns = self._T if self.fec else 0  # FEC needs the next packet in hand: a frame more
-        self._desired_ns = self._initial_target_ns()
-        self.target_ns = self._desired_ns
-        self.buffer_ns = 0.0
-        self._drift = 0.0  # the sender's clock rate over ours, minus one (the frequency estimate)
-        self._adj = 0.0  # the phase term, steering B to its target
-        # Frequency-locked loop (see _track_drift): u = B + what the phase term, skips and inserts did to B.
-        self._u_acc = 0.0
-        self._blk_start = 0  # when the current block began (0: at the next pull)
-        # Per half of the block: the lowest output side of u, the sum of m, the number of pulls.
-        self._blk_half = [math.inf, 0.0, 0.0, math.inf, 0.0, 0.0]
-        self._blk_out = False  # B left the dead band in it
-        self._fll_blocks = 0  # blocks seen since the start or the last resync
-        self._fll_n = 0  # slope measurements taken
-        self._last_control_ns = 0
-        self._pulled = 0  # samples pulled since playout started (the sink's own clock)
-        self._sink_q: deque[tuple[int, float]] = deque()  # (pulled, now - pulled / rate), increasing
-        self._skip_wanted = False
-        self._skip_since_ns = 0
-        self._insert_wanted = False
         self._missing = 0  # frames missing at their turn
         self._late_missed = 0  # ... whose packet came afterwards
 
-    def _initial_target_ns(self) -> float:
-        cfg = self.config
-        if cfg.latency_ms is not None:
-            return cfg.latency_ms * 1e6
-        return min(cfg.start_latency_ms * 1e6 + self._fec_ns, cfg.max_latency_ms * 1e6)
+    @property
+    def buffer_ns(self) -> float:
+        """B at the last pull: the playout delay beyond the earliest arrivals."""
+        return self.control.buffer_ns
+
+    @property
+    def target_ns(self) -> float:
+        return self.control.target_ns
 
     # ---- network thread -------------------------------------------------------------------------------
-    def push(self, seq: int, capture_ns: int, payload: bytes) -> None:
-        """Queues a packet as it arrives (any thread; stamps its arrival time now)."""
+    def push(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int = 0) -> None:
+        """Queues a packet as it arrives (any thread; stamps its arrival time now). ``capture_ns``: the
+        ADC time of the frame's first sample on the receiver's wall clock; ``capture_delay_ns``: how long
+        the sender's capture device held the frame before handing it over, as the sender measured it."""
         if not -CAPTURE_LIMIT <= capture_ns < CAPTURE_LIMIT:
             capture_ns = 0  # unknown: no latency figure from it
-        self._inbox.append((seq, capture_ns, payload, self.clock.monotonic_ns()))
+        self._inbox.append((seq, capture_ns, payload, self.clock.monotonic_ns(), capture_delay_ns))
 
     def end(self) -> None:
         """The sender closed the stream: play what is buffered, then finish."""
         self._inbox.append(None)
 
     # ---- sink thread ----------------------------------------------------------------------------------
-    def pull(self, out: F32) -> bool:
-        """Writes exactly ``len(out)`` samples; returns False when no stream audio was written."""
+    def pull(self, out: F32, output_delay_ns: int = 0) -> bool:
+        """Writes exactly ``len(out)`` samples; returns False when no stream audio was written.
+
+        ``output_delay_ns``: the time from this call to the DAC playing ``out[0]`` (the sink's
+        ``delay_ns``), so that ``latency_ms`` reaches the speaker."""
         now = self.clock.monotonic_ns()
         self._drain()
         n = len(out)
         if self.state == State.WAITING:
-            # Start once the first packet has waited the target: B starts there (see _control).
-            if not self._first_arrival or now - self._first_arrival < self.target_ns:
+            jb = self.jb
+            start = self.control.start(now, n, jb.next_seq, jb.highest) if self._first_arrival else None
+            if start is None:
                 if self._ended and not self._first_arrival:
                     self._finish()
                 out[:] = 0
                 return False
+            self._start(start)
             self.state = State.PLAYING
         elif self.state == State.FINISHED:
             out[:] = 0
             return False
-        while self._fw - self._fr < n and self.state == State.PLAYING:
+        while self._tail - self._head < n and self.state == State.PLAYING:
             if self._ended and self.jb.next_seq > self.jb.highest:
                 break
-            self._produce(now)
-        avail = min(n, self._fw - self._fr)
-        out[:avail] = self._fifo[self._fr : self._fr + avail]
+            self._produce()
+        avail = min(n, self._tail - self._head)
+        out[:avail] = self._fifo[self._head : self._head + avail]
         if avail < n:
             out[avail:] = 0
-        self._mark_latency(avail)
-        self._fr += avail
-        self._out_pos += avail
-        if self._ended and self.jb.next_seq > self.jb.highest and self._fw == self._fr:
+        self._mark_latency(avail, now, output_delay_ns)
+        self._head += avail
+        self._handed += avail
+        if self._ended and self.jb.next_seq > self.jb.highest and self._tail == self._head:
             self._finish()
             return avail > 0
         self._control(now, n)
@@ -335,7 +319,7 @@ class StreamPlayout:
             if item is None:
                 self._ended = True
                 continue
-            seq32, capture, payload, arrival = item
+            seq32, capture, payload, arrival, capture_delay = item
             k = self._unwrap.unwrap(seq32)
             st.on_packet(len(payload), capture, arrival)
             if not self._first_arrival:
@@ -346,7 +330,7 @@ class StreamPlayout:
                 k < jb.next_seq
                 and capture
                 and self._newest_capture
-                and capture - self._newest_capture - (k - self._newest_k) * self._T > 1_000_000_000
+                and capture - self._newest_capture - (k - self._newest_k) * self._frame_ns > 1_000_000_000
                 and self.state == State.PLAYING
             ):
                 # Behind the playout position, yet captured over a second later than its number says
@@ -372,7 +356,10 @@ class StreamPlayout:
                 continue
             if res == Put.LATE:
                 self._count_late(k)
-            self._track_arrival(k, arrival, res != Put.LATE)
+            else:
+                i = k & self._mask
+                self._arrival[i], self._capture_delay[i] = arrival, capture_delay
+            self.control.on_arrival(k, arrival, res != Put.LATE)
 
     def _count_late(self, k: int) -> None:
         st = self.stats
@@ -386,38 +373,41 @@ class StreamPlayout:
         self.stats.resyncs += 1
         self.jb.reset(k)
         self._k0 = self._newest_k = k
-        self._floor = _Floor(self._floor.size)
-        self._sched_k, self._sched_t = k, float(arrival)
-        self._last_arrival = 0
-        self._fll_blocks = 0
-        self._blk_start = 0
-        self._blk_half[:] = [math.inf, 0.0, 0.0, math.inf, 0.0, 0.0]
-        self._blk_out = False
+        self.control.resync(k, arrival)
 
-    def _track_arrival(self, k: int, arrival: int, in_time: bool) -> None:
-        r = int(arrival - self._sched_t - (k - self._sched_k) * self._period)
-        if in_time:  # (a late packet cannot be the earliest)
-            self._floor.add(k, arrival, r)
-        j = r - self._floor.value
-        # Head-of-line blocking: a packet arriving on the heels of the previous one with less jitter is in
-        # its shadow (a stall's burst has j falling by T per packet): that delay was counted once already.
-        shadow = arrival - self._last_arrival < self._T // 4 and j < self._last_j
-        self._last_arrival, self._last_j = arrival, j
-        if not shadow and j <= self.config.max_latency_ms * 1e6:  # longer: an outage, not jitter
-            self._jit.add(float(j))
-            self._since_quantile += 1
+    def _start(self, start: Start) -> None:
+        """Begins playback where the controller said: stale frames before it go unplayed."""
+        jb = self.jb
+        stale = start.frame - jb.next_seq
+        last = None
+        while jb.next_seq < start.frame:
+            last, _ = jb.pop()
+        if last:  # decoded unheard, so that the first frame heard continues it (decoder state, overlap)
+            with contextlib.suppress(CorruptPacketError):
+                self.decoder.decode(last)
+        self._k0 = start.frame
+        if start.offset < 0:  # silence first, so that the frame's first sample plays on its target
+            self._fifo_write(np.zeros((-start.offset, self.output.channels), dtype=np.float32))
+            self._due -= start.offset
+        else:
+            self._trim = start.offset
+        self.stats.stale_ms += (stale * self._frame_out + max(0, start.offset)) * 1000 / self._rate
 
-    def _produce(self, now: int) -> None:
-        """Appends one frame (decoded, FEC, concealed or skipped-over) to the FIFO."""
-        jb, st, dec = self.jb, self.stats, self.decoder
-        if self._insert_wanted:
-            self._insert_wanted = False
+    def _produce(self) -> None:
+        """Appends one frame (decoded, FEC, concealed) or an inserted slice to the FIFO."""
+        jb, st, dec, ctl = self.jb, self.stats, self.decoder, self.control
+        if ctl.insert and not self._inserted:  # one slice per frame boundary: never two in a row
+            self._inserted = True
+            n = dec.conceal(ctl.insert)
+            ctl.inserted(n)
             st.inserted += 1
-            self._u_acc -= self._period
-            self._append(dec.conceal(self._frame_out), 0)
+            st.inserted_ms += n * 1000 / self._rate
+            self._append(n)
             return
+        self._inserted = False
         seq = jb.next_seq
         payload, capture = jb.pop()
+        cut = None
         if payload is not None:
             try:
                 n = dec.decode(payload) if payload else -1  # libopus would conceal an empty packet silently
@@ -427,12 +417,12 @@ class StreamPlayout:
                 st.corrupt += 1
                 n, capture = dec.conceal(self._frame_out), 0
                 st.concealed += 1
-            else:
-                if self._skip_wanted and jb.count > 0 and self._is_quiet_or_urgent(n, now):
+            elif ctl.drop and not self._trim:
+                cut = self._find_cut(n, ctl.urgent)
+                if cut is not None:
+                    ctl.dropped(cut[1])
                     st.skipped += 1
-                    self._u_acc += self._period
-                    self._skip_wanted = False
-                    return
+                    st.skipped_ms += cut[1] * 1000 / self._rate
         else:
             self._missing += 1
             st.lost = max(0, self._missing - self._late_missed)
@@ -447,188 +437,130 @@ class StreamPlayout:
             else:
                 n = dec.conceal(self._frame_out)
                 st.concealed += 1
-        self._append(n, capture)
-
-    def _is_quiet_or_urgent(self, n: int, now: int) -> bool:
-        """Skip a frame now if it is quiet, the excess is large, or we have waited long enough for quiet."""
-        x = self.decoder.output[:n]
-        quiet = max(int(x.max()), -int(x.min())) < 328  # below -40 dBFS
-        excess = self.buffer_ns - self.target_ns
-        return quiet or excess > 3 * self._T or now - self._skip_since_ns > 300_000_000
-
-    def _append(self, n: int, capture: int) -> None:
-        st = self.stats
         st.frames_played += 1
+        i = seq & self._mask
+        self._append(n, capture, self._arrival[i], self._capture_delay[i], cut)
+
+    def _find_cut(self, n: int, urgent: bool) -> tuple[int, int] | None:
+        """Where to drop a slice from the decoded frame: (start, length), or None to wait for quiet.
+
+        The quietest pair of adjacent slices is where: if it is below QUIET, its first slice goes; if
+        not (and ``urgent``), a stretch of half a slice to a slice whose end best matches its start
+        (normalised cross-correlation: for voiced sound, a whole number of pitch periods), so that the
+        crossfade over the following slice joins like with like. A frame of one slice goes whole.
+        """
+        size = self._slice
         x = self.decoder.output[:n]
-        st.peak = max(int(x.max()), -int(x.min()))
-        f = self._f32[:n]
-        np.multiply(x, 1.0 / 32768.0, out=f, casting="unsafe")
-        st.rms = math.sqrt(float(np.vdot(f, f)) / max(1, f.size)) * 32768.0
+        if n < 2 * size:
+            return (0, n) if urgent or max(int(x.max()), -int(x.min())) < QUIET else None
+        slices = x[: n - n % size].reshape(n // size, -1)
+        peaks = np.maximum(slices.max(axis=1).astype(np.int32), -slices.min(axis=1).astype(np.int32))
+        pairs = np.maximum(peaks[:-1], peaks[1:])
+        i = int(np.argmin(pairs))
+        at = i * size
+        if pairs[i] < QUIET:
+            return (at, size)
+        if not urgent:
+            return None
+        mono = x[at : at + 2 * size].mean(axis=1, dtype=np.float64)
+        head = mono[:size]
+        shortest = size // 2
+        corr = np.correlate(mono[shortest:], head, mode="valid")  # lags shortest .. size
+        energy = np.convolve(mono[shortest:] ** 2, np.ones(size), mode="valid")
+        lag = shortest + int(np.argmax(corr / np.sqrt(energy + 1e-9)))
+        return (at, lag)
+
+    def _append(
+        self,
+        n: int,
+        capture: int = 0,
+        arrival: int = 0,
+        capture_delay: int = 0,
+        cut: tuple[int, int] | None = None,
+    ) -> None:
+        """Appends the decoder's ``n`` samples to the FIFO (less a cut slice or a trimmed start),
+        resampled; a decoded frame (``capture`` set) gets a latency marker on its first sample."""
+        st = self.stats
+        x = self.decoder.output[:n]
+        f = self._frame[:n]
+        st.peak, st.rms = frame_levels(x, f)  # f receives x / 32768
+        if cut is not None:
+            at, length = cut
+            if length >= n:
+                return  # a one-slice frame dropped whole
+            fade = min(self._slice, n - at - length)
+            g = self._spliced
+            g[:at] = f[:at]
+            w = self._fade[:fade]
+            g[at : at + fade] = f[at : at + fade] * (1.0 - w) + f[at + length : at + length + fade] * w
+            g[at + fade : n - length] = f[at + length + fade : n]
+            f = g[: n - length]
+        if self._trim:
+            capture += self._trim * 1_000_000_000 // self._rate if capture else 0
+            f = f[self._trim :]
+            self._trim = 0
         if capture:
-            i = self._mk_w & 63
-            self._mk_pos[i] = self._written_pos
-            self._mk_cap[i] = capture
-            self._mk_w += 1
+            i = self._mark_write % MARKS
+            self._mark_pos[i] = self._due
+            self._mark_capture[i] = capture
+            self._mark_arrival[i] = arrival
+            self._mark_capture_delay[i] = capture_delay
+            self._mark_write += 1
         if self._resampler is not None:
-            ratio = 1.0 / (1.0 + self._drift + self._adj)
+            ratio = self.control.ratio
             y = self._resampler.process(f, ratio, end_of_input=False)
             self._fifo_write(np.asarray(y, dtype=np.float32).reshape(-1, self.output.channels))
+            self._due += len(f) * ratio
+            self.control.resampled(len(f), ratio)
         else:
             self._fifo_write(f)
+            self._due += len(f)
 
     def _fifo_write(self, y: F32) -> None:
         m = len(y)
-        if self._fw + m > len(self._fifo):
-            live = self._fw - self._fr
-            self._fifo[:live] = self._fifo[self._fr : self._fw]
-            self._fr, self._fw = 0, live
+        if self._tail + m > len(self._fifo):
+            live = self._tail - self._head
+            self._fifo[:live] = self._fifo[self._head : self._tail]
+            self._head, self._tail = 0, live
             if live + m > len(self._fifo):
                 grown = np.zeros((live + m + 4096, self.output.channels), dtype=np.float32)
                 grown[:live] = self._fifo[:live]
                 self._fifo = grown
-        self._fifo[self._fw : self._fw + m] = y
-        self._fw += m
-        self._written_pos += m
+        self._fifo[self._tail : self._tail + m] = y
+        self._tail += m
 
-    def _mark_latency(self, avail: int) -> None:
-        """Records capture -> hand-off latency for decoded frames whose first sample goes out now."""
-        end = self._out_pos + avail
-        if self._mk_r == self._mk_w:
+    def _mark_latency(self, avail: int, now: int, output_delay_ns: int) -> None:
+        """Records the latency, and its stages, of decoded frames whose first sample goes out now."""
+        end = self._handed + avail
+        if self._mark_read == self._mark_write:
             return
-        wall = self.clock.wall_ns()
-        while self._mk_r < self._mk_w:
-            i = self._mk_r & 63
-            pos = int(self._mk_pos[i])
+        to_wall = self.clock.wall_ns() - now  # this clock's wall time - its monotonic time
+        st = self.stats
+        frame_ns = self._frame_ns + self._lookahead_ns
+        while self._mark_read < self._mark_write:
+            i = self._mark_read % MARKS
+            pos = float(self._mark_pos[i])
             if pos >= end:
                 break
-            offset_ns = (pos - self._out_pos) * 1_000_000_000 // self._rate_out
-            self.stats.latency_ms.add((wall + offset_ns - int(self._mk_cap[i])) / 1e6)
-            self._mk_r += 1
+            handoff = now + (pos - self._handed) * 1e9 / self._rate
+            capture = int(self._mark_capture[i]) - to_wall  # on the monotonic clock (exact: both ints)
+            arrival = int(self._mark_arrival[i])
+            capture_delay = int(self._mark_capture_delay[i])
+            total = handoff + output_delay_ns - capture + self._lookahead_ns
+            self.latency_ns = total
+            st.latency_ms.add(total / 1e6)
+            st.stage_capture_ms.add(capture_delay / 1e6)
+            st.stage_frame_ms.add(frame_ns / 1e6)
+            st.stage_network_ms.add((arrival - capture - self._frame_ns - capture_delay) / 1e6)
+            st.stage_buffer_ms.add((handoff - arrival) / 1e6)
+            st.stage_output_ms.add(output_delay_ns / 1e6)
+            self._mark_read += 1
 
     def _control(self, now: int, n: int) -> None:
-        """Updates the target, measures B and steers it (ratio, skip, insert)."""
-        if not self._floor:
-            return
-        cfg, T = self.config, self._T
-        dt = (now - self._last_control_ns) / 1e9 if self._last_control_ns else 0.0
-        self._last_control_ns = now
-        # Target: percentile of jitter + margin, fast up, slow down (auto mode only).
-        if cfg.latency_ms is None and self._since_quantile >= 8 and len(self._jit) >= 8:
-            self._since_quantile = 0
-            desired = self._jit.percentile(cfg.jitter_percentile) + cfg.margin_ms * 1e6 + self._fec_ns
-            if self._resampler is not None:  # a frame's decode deadline may fall a block before its play
-                desired += n * 1e9 / self._rate_out
-            self._desired_ns = min(desired, cfg.max_latency_ms * 1e6)
-        if self._desired_ns >= self.target_ns:
-            self.target_ns = self._desired_ns
-        else:
-            self.target_ns = max(self._desired_ns, self.target_ns - cfg.shrink_ms_per_s * 1e6 * dt)
-        # B: when does next_seq's first sample play (after those pending and the next block's worth),
-        # relative to its earliest possible arrival?
-        nxt = self.jb.next_seq
-        s_next = self._sched_t + (nxt - self._sched_k) * self._period
-        t = self._sink_time(now, n)
-        b = t + (self._fw - self._fr + n) * 1e9 / self._rate_out - s_next - self._floor.value
-        self.buffer_ns = b
-        err = b - self.target_ns
-        st = self.stats
-        st.buffer_ms = b / 1e6
-        st.target_ms = self.target_ns / 1e6
-        if err > T + 5e6 and self.jb.count > 0:
-            if not self._skip_wanted:
-                self._skip_wanted = True
-                self._skip_since_ns = now
-            self._adj = 0.0
-        elif err < -max(0.25 * T, 5e6):
-            self._skip_wanted = False
-            self._insert_wanted = True
-            self._adj = 0.0
-        else:
-            self._skip_wanted = False
-            if self._resampler is not None:
-                # Dead band: on a steady link B wanders by a millisecond or so with the receiver's timing;
-                # leaving the ratio alone then keeps the audio's timeline exact (no needless warping).
-                e = math.copysign(max(0.0, abs(err) - DEAD_BAND_NS), err) / 1e9  # seconds beyond it
-                self._adj = max(-MAX_RATIO_DEV, min(MAX_RATIO_DEV, KP * e))
-        if self._resampler is not None:
-            self._track_drift(now, b, err, dt)
-
-    def _sink_time(self, now: int, n: int) -> float:
-        """When this pull was due on the sink's own timeline: the clock reading, less any lateness.
-
-        A sink thread may wake up late, or stall and then catch up with pulls in a row (a paced file or
-        null sink does): ``now`` is then later than the sink's sample clock says, and B, measured from it,
-        too large by as much, which would skip frames the catch-up is about to consume anyway. So the
-        timeline is fitted from below: now - (samples pulled before) / rate is the sink's offset plus its
-        lateness, and its minimum over the last SINK_WINDOW_S of pulled audio is the offset. A device that
-        really slipped (an ALSA xrun, restarted later) shows its new offset once that window has passed.
-        """
-        pulled, q = self._pulled, self._sink_q
-        x = now - pulled * 1e9 / self._rate_out
-        while q and q[-1][1] >= x:
-            q.pop()
-        q.append((pulled, x))
-        while q[0][0] < pulled - SINK_WINDOW_S * self._rate_out:
-            q.popleft()
-        self._pulled = pulled + n
-        return pulled * 1e9 / self._rate_out + q[0][1]
-
-    def _track_drift(self, now: int, b: float, err: float, dt: float) -> None:
-        """Frequency-locked loop: estimates the sender's clock rate from B's trend, steering aside.
-
-        B changes at (sender's rate - our consumption) = drift - estimate - adj, so u = B + the integral
-        of adj (+ the frames skipped, - those inserted) changes at drift - estimate only. Each block, the
-        estimate moves by a gain times u's slope between the block's two halves, u = o - m being taken
-        in each half as the lowest o (the output side: a sink thread that wakes up late only ever raises
-        it, so its lower envelope ignores scheduling noise, however large) minus the mean m (the floor
-        steps both ways as the window slides: a mean does not bias it). The gain is 1/n at first (a running
-        average of the measurements), then FLL_MIN_GAIN (an exponential one). Target changes, skips and
-        inserts do not disturb the estimate, unlike an integral of B's error, which winds up on each of
-        them. The schedule then pivots at the playout position and m is re-evaluated on it, so the next
-        block measures the new estimate only. Only blocks in which B left the dead band (so that the
-        phase term acted) count: while B stays inside, the estimate, and so the ratio, stays put, and on
-        a link without drift the audio's timeline is exact; a residual error drives B to the band's
-        edge, where it is measured and corrected.
-        """
-        self._u_acc += self._adj * dt * 1e9
-        m = self._floor.value
-        o = b + m + self._u_acc  # the output side of u (late wake-ups only ever raise it)
-        if self._blk_start == 0:
-            self._blk_start = now
-        t = now - self._blk_start
-        h = self._blk_half
-        if t < FLL_BLOCK_NS // 2:
-            h[0] = min(h[0], o)
-            h[1] += m
-            h[2] += 1.0
-        else:
-            h[3] = min(h[3], o)
-            h[4] += m
-            h[5] += 1.0
-        if abs(err) > DEAD_BAND_NS:
-            self._blk_out = True
-        if t < FLL_BLOCK_NS:
-            return
-        ok = h[2] > 0 and h[5] > 0
-        slope = (h[3] - h[4] / h[5] - h[0] + h[1] / h[2]) / (FLL_BLOCK_NS / 2) if ok else 0.0
-        out, self._blk_out = self._blk_out and ok, False
-        self._blk_start = now
-        h[0] = h[3] = math.inf
-        h[1] = h[2] = h[4] = h[5] = 0.0
-        self._fll_blocks += 1
-        if self._fll_blocks < 2 or not out:
-            return  # the first block sees m settle; while B stays in the dead band, nothing needs fixing
-        self._fll_n += 1
-        gain = max(FLL_MIN_GAIN, 1.0 / self._fll_n)
-        drift = max(-MAX_RATIO_DEV, min(MAX_RATIO_DEV, self._drift + gain * slope))
-        # Pivot the sender's schedule at the playout position to the new clock rate, re-evaluate m on it,
-        # and carry B's resulting step into u (it is not a trend).
-        nxt = self.jb.next_seq
-        self._sched_t += (nxt - self._sched_k) * self._period
-        self._sched_k = nxt
-        self._period = self._T / (1.0 + drift)
-        self._drift = drift
-        m = self._floor.value
-        self._floor.rebuild(self._sched_t, nxt, self._period)
-        self._u_acc += self._floor.value - m
-        self.stats.drift_ppm = drift * 1e6
+        """Asks the controller what to do next, and publishes its figures."""
+        ctl, st = self.control, self.stats
+        ctl.update(now, n, self._due - self._handed, self.jb.next_seq)
+        st.buffer_ms = ctl.buffer_ns / 1e6
+        st.target_ms = ctl.target_ns / 1e6
+        st.drift_ppm = ctl.drift.estimate * 1e6
+        st.resampled_ms = ctl.steered_ns / 1e6

@@ -85,7 +85,7 @@ class Session:
     # ---- StreamHandler (the transport's thread) -------------------------------------------------------
     def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int = 0) -> None:
         self.capture_delay_ns = capture_delay_ns
-        self.playout.push(seq, capture_ns + self.clock_offset_ns, payload)
+        self.playout.push(seq, capture_ns + self.clock_offset_ns, payload, capture_delay_ns)
         self.received += 1
         if self.tap is not None:
             self.tap.push(seq, payload)
@@ -224,12 +224,13 @@ class Receiver:
             self._acc = np.zeros((n, out.shape[1]), dtype=np.float32)
             self._tmp = np.zeros_like(self._acc)
         acc = self._acc[:n]
-        playing = sessions[0].playout.pull(acc)
+        delay = int(getattr(self.sink, "delay_ns", 0))  # this block's time to the DAC, for latency_ms
+        playing = sessions[0].playout.pull(acc, delay)
         done = sessions[0].playout.state == State.FINISHED
         if len(sessions) > 1:
             tmp = self._tmp[:n]
             for s in sessions[1:]:
-                if s.playout.pull(tmp):
+                if s.playout.pull(tmp, delay):
                     playing = True
                     acc += tmp
                 done = done or s.playout.state == State.FINISHED
@@ -265,7 +266,14 @@ class Receiver:
             if not self._sink_started:
                 self._start_sink(fmt)
             out = self.sink.format or fmt
-            playout = StreamPlayout(fmt, out, self.config.playout, self.clock, fec=info.fec)
+            playout = StreamPlayout(
+                fmt,
+                out,
+                self.config.playout,
+                self.clock,
+                fec=info.fec,
+                lookahead_samples=info.algorithm_delay,
+            )
             s = Session(
                 id=self._next_id,
                 peer=peer,
@@ -364,6 +372,9 @@ class Receiver:
             peak_dbfs=dbfs(peak),
             streams=streams,
             underruns=int(getattr(self.sink, "underruns", 0)),
+            skipped_ms=sum(s.skipped_ms for s in stats),
+            inserted_ms=sum(s.inserted_ms for s in stats),
+            **{name: _median(live, name) for name in _STAGES},
         )
 
 
@@ -395,3 +406,12 @@ _COUNTERS = (
     "inserted",
     "frames_played",
 )
+
+_STAGES = ("stage_capture_ms", "stage_frame_ms", "stage_network_ms", "stage_buffer_ms", "stage_output_ms")
+
+
+def _median(live: list[ReceiverStats], name: str) -> float:
+    """The median of one latency stage over the live streams' recent frames (nan before the first)."""
+    values = np.concatenate([getattr(s, name).values() for s in live]) if live else np.zeros(0)
+    return float(np.median(values)) if len(values) else math.nan
+

@@ -145,9 +145,14 @@ class ReceiverStats:
         self.fec_recovered = 0  # frames rebuilt from the next packet's in-band FEC
         self.duplicates = 0
         self.corrupt = 0  # packets libopus could not decode (concealed instead)
-        self.skipped = 0  # frames dropped to bring latency back to target
-        self.inserted = 0  # frames of concealment added to raise latency to target
-        self.frames_played = 0  # frames handed to the output (decoded + FEC + concealed + inserted)
+        # Latency steps (playout.py): each drops or inserts at most 2.5 ms, never a whole frame.
+        self.skipped = 0  # steps that dropped audio to bring latency down to the target
+        self.inserted = 0  # steps that inserted concealment (2.5 ms) to raise latency to the target
+        self.skipped_ms = 0.0  # audio those steps dropped, in all
+        self.inserted_ms = 0.0  # concealment those steps inserted, in all
+        self.resampled_ms = 0.0  # latency removed (+) or added (-) by resampling faster or slower than drift
+        self.stale_ms = 0.0  # start-up audio already older than the target when playback began, unplayed
+        self.frames_played = 0  # frames taken in their turn: decoded, rebuilt by FEC or concealed
         self.resyncs = 0  # large sequence jumps that restarted the playout position
         self.jitter_ns = 0.0  # RFC 3550 interarrival jitter
         self.buffer_ms = 0.0  # playout delay beyond the earliest arrivals (what the buffer holds)
@@ -155,7 +160,13 @@ class ReceiverStats:
         self.drift_ppm = 0.0
         self.peak = 0.0  # int16 amplitude, current frame
         self.rms = 0.0
-        self.latency_ms = Window(latency_window)
+        self.latency_ms = Window(latency_window)  # microphone ADC -> speaker DAC, per decoded frame
+        # Where that latency goes, per decoded frame; the five add up to latency_ms frame by frame:
+        self.stage_capture_ms = Window(latency_window)  # the capture device's delay (sender-reported)
+        self.stage_frame_ms = Window(latency_window)  # the frame filling up, plus the encoder look-ahead
+        self.stage_network_ms = Window(latency_window)  # sender read -> arrival (encode, send, network)
+        self.stage_buffer_ms = Window(latency_window)  # arrival -> hand-off to the sink (jitter buffer)
+        self.stage_output_ms = Window(latency_window)  # hand-off -> DAC (the sink's reported delay)
         self._last_arrival = 0
         self._last_capture = 0
 
@@ -198,6 +209,14 @@ class StatsSnapshot:
     peak_dbfs: float
     streams: int
     underruns: int
+    skipped_ms: float = 0.0  # audio the latency steps dropped, in all (each step at most 2.5 ms)
+    inserted_ms: float = 0.0  # concealment the latency steps inserted, in all
+    # Where latency_ms_p50 goes, microphone to speaker (medians over the last frames; they add up to it):
+    stage_capture_ms: float = math.nan  # the capture device held the frame (sender-measured)
+    stage_frame_ms: float = math.nan  # the frame filling up, plus the encoder's look-ahead
+    stage_network_ms: float = math.nan  # sender's read -> arrival here (encoding, gRPC, the network)
+    stage_buffer_ms: float = math.nan  # arrival -> hand-off to the output (the jitter buffer)
+    stage_output_ms: float = math.nan  # hand-off -> the speaker's DAC (the output device's delay)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

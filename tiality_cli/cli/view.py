@@ -490,9 +490,30 @@ def recv_lines(f: RecvFrame, width: int = 120) -> list[Line]:
     lines = [_fit(head, width), *grid(RECV_COLUMNS, rows, footer, width)]
     if not f.rows:
         lines.append([(f"waiting for senders on port {f.port} …", "dim italic")])
+    else:
+        lines.append(_fit(stage_line(tot), width))
     if f.keys:
         lines.append([(RECV_KEYS, "dim")])
     return lines
+
+
+_STAGE_NAMES = (
+    ("capture", "stage_capture_ms"),
+    ("frame", "stage_frame_ms"),
+    ("network", "stage_network_ms"),
+    ("buffer", "stage_buffer_ms"),
+    ("output", "stage_output_ms"),
+)
+
+
+def stage_line(s: StatsSnapshot) -> Line:
+    """Where the median latency goes, microphone to speaker: 'capture 0.1 + frame 26.5 + ... = 70.2 ms'."""
+    parts = [f"{name} {_ms(getattr(s, key))}" for name, key in _STAGE_NAMES]
+    return [
+        ("latency by stage (p50): ", "bold cyan"),
+        (" + ".join(parts), ""),
+        (f" = {_ms(s.latency_ms_p50)} ms", "bold"),
+    ]
 
 
 def recv_view(f: RecvFrame) -> Screen:
