@@ -534,6 +534,8 @@ class FanRun:
     connected: int  # streams the receiver's last stats line in the window counted
     lag_p95: float  # how late the generator sent (its own scheduling), ms
     errors: int
+    busiest: float  # the receiver's busiest thread, fraction of a core (the sink's: every stream's playout)
+    played: float  # audio the receiver played per second of wall time in the window (1.0: real time)
 
     @property
     def bad_pct(self) -> float:
@@ -551,8 +553,9 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
             first = gen.wait_for("start line", lambda: next(iter(gen.events("start")), None))
             start = first[1]["mono_ns"] / 1e9
             time.sleep(max(0.0, start + plan.fan_warmup_s - time.monotonic()))
+            t0, threads0 = time.monotonic(), thread_cpu(recv.pid)
             rcpu, gcpu = cpu_window([recv.pid, gen.pid], plan.fan_window_s)
-            t1 = time.monotonic()
+            t1, threads1 = time.monotonic(), thread_cpu(recv.pid)
             rss = rss_mb(recv.pid)
             done = gen.wait_for("end line", lambda: next(iter(gen.events("done")), None), seconds + WAIT_S)[1]
         stats = recv.events("stats", until=t1)
@@ -562,6 +565,9 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
             raise RuntimeError(f"tiality recv: exit {code}, no summary; {recv.describe()}")
         s = summaries[-1][1]
     last = stats[-1][1] if stats else {}
+    busiest = max(c - threads0.get(tid, ("", 0.0))[1] for tid, (_, c) in threads1.items()) / (t1 - t0)
+    window = [(t, d["played_s"]) for t, d in stats if t >= t0]
+    played = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 2 else math.nan
     return FanRun(
         streams=streams,
         load=load,
@@ -577,6 +583,8 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
         connected=int(last.get("streams", 0)),
         lag_p95=float(done["lag_ms_p95"]),
         errors=int(done["errors"]),
+        busiest=busiest,
+        played=played,
     )
 
 
@@ -731,25 +739,39 @@ def summary_table(res: Results) -> list[str]:
 
 def fan_table(res: Results) -> list[str]:
     out = [
-        "| streams | receiver CPU | late | concealed | skipped | frames sent | bad | latency p50 / p95 "
-        "| streams connected | receiver RSS | per extra stream | load generator CPU | its send lag p95 "
-        "| load average |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| streams | receiver CPU | its busiest thread | played / wall | late | concealed | skipped "
+        "| frames sent | bad | latency p50 / p95 | streams connected | receiver RSS | per extra stream "
+        "| load generator CPU | its send lag p95 | load average |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     one = res.fans.get(1, [])
     for n, fans in sorted(res.fans.items()):
+
+        def m(value: Callable[[FanRun], float], fmt: str, unit: str = "") -> str:
+            return f"{format(med([value(f) for f in fans]), fmt)}{unit}"  # noqa: B023 (used at once)
+
         per = ""
         if n > 1 and one:
             per = f"{med([(f.rss_mb - o.rss_mb) / (n - 1) for f, o in zip(fans, one, strict=False)]):.2f} MB"
-        out.append(
-            f"| {n} | {med([f.recv * 100 for f in fans]):.1f} % | {med([f.late for f in fans]):.0f} "
-            f"| {med([f.concealed for f in fans]):.0f} | {med([f.skipped for f in fans]):.0f} "
-            f"| {med([f.packets for f in fans]):.0f} | {med([f.bad_pct for f in fans]):.2f} % "
-            f"| {med([f.p50 for f in fans]):.1f} / {med([f.p95 for f in fans]):.1f} ms "
-            f"| {min(f.connected for f in fans)} | {med([f.rss_mb for f in fans]):.1f} MB | {per} "
-            f"| {med([f.loadgen * 100 for f in fans]):.1f} % | {med([f.lag_p95 for f in fans]):.1f} ms "
-            f"| {loads([f.load for f in fans])} |"
-        )
+        cells = [
+            str(n),
+            m(lambda f: f.recv * 100, ".1f", " %"),
+            m(lambda f: f.busiest * 100, ".1f", " %"),
+            m(lambda f: f.played, ".3f"),
+            m(lambda f: f.late, ".0f"),
+            m(lambda f: f.concealed, ".0f"),
+            m(lambda f: f.skipped, ".0f"),
+            m(lambda f: f.packets, ".0f"),
+            m(lambda f: f.bad_pct, ".2f", " %"),
+            f"{m(lambda f: f.p50, '.1f')} / {m(lambda f: f.p95, '.1f')} ms",
+            str(min(f.connected for f in fans)),
+            m(lambda f: f.rss_mb, ".1f", " MB"),
+            per,
+            m(lambda f: f.loadgen * 100, ".1f", " %"),
+            m(lambda f: f.lag_p95, ".1f", " ms"),
+            loads([f.load for f in fans]),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
     errors = sum(f.errors for fans in res.fans.values() for f in fans)
     if errors:
         out += ["", f"The load generator saw {errors} failed stream(s)."]
@@ -788,9 +810,11 @@ def report(res: Results, argv: list[str], started: datetime.datetime) -> list[st
         "",
         "Fan-in: one load generator process (grpc.aio, one connection per stream) into `tiality recv -o "
         "null:// --max-senders N --json`; the generator shares the machine's cores with the receiver, its "
-        "CPU is in the table. Counts are the receiver's summary over the whole run; latency is its last "
-        "stats line in the window (the last 500 frames of each stream); bad = (late + concealed + skipped) "
-        "/ frames sent.",
+        "CPU is in the table. The busiest thread is the sink's (null:// paces it; it decodes, resamples and "
+        "mixes every stream); played / wall is the audio it played per second in the window (below 1: "
+        "it falls behind real time and skips frames to catch up). Counts are the receiver's summary over "
+        "the whole run; latency is its last stats line in the window (the last 500 frames of each stream); "
+        "bad = (late + concealed + skipped) / frames sent.",
         "",
         *fan_table(res),
         "",
