@@ -112,8 +112,8 @@ def table(title: str, counts: Counter[str], total: int, rounds: float, top: int)
     return out
 
 
-def summarise(path: str, rate: float, seconds: float, top: int) -> list[str]:
-    stacks = parse(path)
+def summarise(path: str, rate: float, seconds: float, top: int, thread: str = "") -> list[str]:
+    stacks = [s for s in parse(path) if not thread or thread_kind(s[1]) == thread]
     total = sum(c for _, _, c in stacks)
     rounds = rate * seconds
     groups: Counter[str] = Counter()
@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=100.0, help="py-spy's --rate")
     ap.add_argument("--seconds", type=float, required=True, help="py-spy's --duration")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--thread", default="", help="only the threads with this entry function")
     args = ap.parse_args(argv)
-    print("\n".join(summarise(args.profile, args.rate, args.seconds, args.top)))
+    print("\n".join(summarise(args.profile, args.rate, args.seconds, args.top, args.thread)))
     return 0
 
 
