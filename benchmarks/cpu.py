@@ -11,8 +11,9 @@ sender        ``tiality send 127.0.0.1:P -i tone://440 -q`` against ``tiality re
               time (utime + stime from /proc/PID/stat, all threads) / wall time, as % of one core and
               microseconds per 20 ms packet. Next to it, against the same receiver, a bare gRPC client
               stream (``--bare``, below): the same packets at the same rate, nothing else.
-start-up      the CPU of ``tiality send ... --seconds 0.02 --once -q`` from exec to exit (one packet;
-              os.wait4's rusage), against ``python -c "import grpc"``.
+start-up      the CPU of ``tiality send ... --seconds 0.02 --once -q`` from exec to its first packet,
+              read from /proc by a minimal receiver in this process as that packet arrives, and from
+              exec to exit (os.wait4's rusage); against ``python -c "import grpc"``.
 receiver      its CPU idle, and with the one stream of each of the two senders above.
 fan-in        one load generator process (``--loadgen``: grpc.aio, one channel and connection per
               stream) sends N streams of pre-encoded 20 ms packets, each on its own absolute schedule,
@@ -20,8 +21,9 @@ fan-in        one load generator process (``--loadgen``: grpc.aio, one channel a
               N --json``: the receiver's CPU over the steady window, its late, concealed and skipped
               frames (its summary line, whole run) against the packets sent, its latency p50/p95 (its
               last stats line in the window: the last 500 frames of every stream), its RSS at the end
-              of the window, and the generator's own CPU and how late it sent (it shares the machine's
-              cores with the receiver).
+              of the window, its busiest thread's CPU (the sink's) and the audio it played per second
+              of wall time (below 1: it cannot keep up), and the generator's own CPU and how late it
+              sent (it shares the machine's cores with the receiver).
 memory        (RSS at N - RSS at 1 stream) / (N - 1), from the fan-in runs.
 --help        wall time of ``python -m tiality_cli --help``, median of 5, against ``python -c pass``.
 

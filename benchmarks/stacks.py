@@ -43,7 +43,7 @@ GROUPS: list[tuple[str, str, str, str]] = [
     ("numpy (copies, mixing, conversion, tone)", r"numpy/", "", r"\bnp\.|\[:\]|acc \+= |\*= "),
     ("playout control (jitter buffer, latency, drift)", r"tiality_cli/(playout|jitter)\.py", "", ""),
     ("sender loop and backlog", r"tiality_cli/sender\.py", "", ""),
-    ("receiver mix and sink loop", r"tiality_cli/receiver\.py|tiality_cli/io/", "", ""),
+    ("mixing, sink and source loops (receiver.py, io/)", r"tiality_cli/receiver\.py|tiality_cli/io/", "", ""),
 ]  # fmt: skip
 OTHER = "other"
 
