@@ -442,9 +442,13 @@ def test_stall_then_burst_drops_the_stale_audio_and_keeps_latency() -> None:
     # dropped (not lost: they came); no frame was skipped or inserted, nothing had to be caught up.
     assert (st.concealed, st.late, st.lost, st.skipped, st.inserted) == (100, 100, 0, 0, 0)
     assert st.resyncs == 0  # the burst's packets are behind the playout position, but not a restart
-    # The burst was not taken for jitter: the target did not rise. B did not move either.
+    # The burst was not taken for jitter: the target did not rise. B did not move either: it rests at
+    # the short edge of the dead band (1 ms; measured: 0.9-1.2 ms short): it started on the start
+    # target (10 ms), the jitter then set the target 1.5-1.9 ms higher, and the phase term brought B
+    # back to the band, not onto the target, so the timeline stays exact. (The old bound, 0.5 ms, held
+    # by where the old start fell on the 5 ms pull grid: B began 0-5 ms over the start target.)
     assert rx.trace.target(3.0).max() <= target_before + 0.5
-    assert np.abs(rx.trace.error(1.0)).max() < 0.5
+    assert np.abs(rx.trace.error(1.0)).max() < 1.25
     assert np.abs(np.diff(rx.trace.buffer(4.9, 5.5))).max() < 0.1
     # A second after the burst, capture-to-sink latency is what it was before the stall.
     assert len(st.latency_ms) > 100
@@ -481,7 +485,7 @@ def test_target_rises_quickly_when_jitter_rises() -> None:
     rx.run(11.5)
     # Within half a second the target covers the new jitter's bulk, all of it within 1.5 s (as soon as
     # 0.5 % of the window, 3 packets, have shown it); B follows at once, inserting a 2.5 ms slice of
-    # concealment per frame (12 slices, 30 ms; the old whole-frame inserts: 2 frames, 40 ms, 15 late too).
+    # concealment per frame (12 slices, 30 ms; the old whole-frame inserts: 2 frames, 40 ms).
     assert rx.trace.first_at_or_above(40.0, 10.0) < 10.5
     assert rx.trace.first_at_or_above(45.0, 10.0) < 11.5
     assert st.inserted == 12
@@ -490,7 +494,8 @@ def test_target_rises_quickly_when_jitter_rises() -> None:
     assert st.late == 12  # and none after
     assert (st.inserted, st.skipped) == (12, 0)
     assert rx.trace.target(12.0).max() < 48.0 + 0.5  # 40 ms of jitter + 3 ms margin + a block
-    # As the target creeps up, the phase term keeps B within 1 ms short of it (measured: -1.8 to -0.4).
+    # As the target creeps up, the phase term keeps B within 1 ms short of it (measured: -1.8 to -0.6;
+    # before, the last whole-frame insert overshot it: 2.4 to 5.7 ms over).
     err = rx.trace.error(12.0)
     assert err.min() > -2.5 and err.max() < 6.0
 
@@ -704,9 +709,9 @@ def gapped_payloads(fmt: AudioFormat) -> tuple[bytes, ...]:
 
 def test_latency_steps_are_at_most_a_slice() -> None:
     # 0-2 ms of jitter, 0-30 ms from 2 s to 8 s, then 0-2 ms again, with a target allowed to fall at
-    # 50 ms/s (ten times what the ratio may drain: 5 ms/s), and every 4th frame silent: B rises with
-    # the jitter by inserts, then falls with drops at quiet points and, where those do not keep up, in
-    # the tone. Before, each of these was a whole 20 ms frame.
+    # 100 ms/s (twenty times what the ratio may drain: 5 ms/s), and every 4th frame silent: B rises
+    # with the jitter by inserts, then falls with drops at quiet points and, where those do not keep up,
+    # in the tone. Before, each of these was a whole 20 ms frame.
     rng = random.Random(8)
     arrivals = transmit(
         Sender(),
@@ -715,7 +720,7 @@ def test_latency_steps_are_at_most_a_slice() -> None:
         extra_ms=lambda k: rng.uniform(0.0, 30.0 if 100 <= k < 400 else 2.0),
         payload=lambda k: gapped_payloads(STEREO_48K)[k % 16],
     )
-    rx = Receiver(config=PlayoutConfig(shrink_ms_per_s=50.0), record=False).send(arrivals)
+    rx = Receiver(config=PlayoutConfig(shrink_ms_per_s=100.0), record=False).send(arrivals)
     pb, st = rx.playout, rx.playout.stats
     steps: list[tuple[int, int]] = []  # (frames taken so far, samples: + inserted, - dropped)
     inserted, dropped = pb.control.inserted, pb.control.dropped

@@ -35,8 +35,8 @@ How latency is controlled (all figures in receiver time):
     it), never a whole frame. Raising latency is cheap: when B is 3 ms short, a slice of concealment
     goes in before the next frame, one per frame until B is back. Lowering it is gradual: the resampling
     ratio is 1 + drift + a phase term (0.2 % per ms beyond a dead band of 2 ms over and 1 ms short of
-    the target, at most 0.5 %, inaudible: 5 ms/s; no band in the first 2 s, while the target settles),
-    and when B is a slice over the band, a slice is dropped from the next decoded frame at its quietest
+    the target, at most 0.5 %, inaudible: 5 ms/s; inside the band the timeline is left exact), and
+    when B is a slice over the band, a slice is dropped from the next decoded frame at its quietest
     2.5 ms if that is below -40 dBFS; when B is 10 ms over, from its quietest 5 ms anyway (a stretch of
     1.25-2.5 ms that ends as it began, for voiced sound whole pitch periods, crossfaded over a slice).
     At most one step per frame. Drift comes from a frequency-locked loop on B's trend
