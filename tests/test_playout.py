@@ -442,9 +442,13 @@ def test_stall_then_burst_drops_the_stale_audio_and_keeps_latency() -> None:
     # dropped (not lost: they came); no frame was skipped or inserted, nothing had to be caught up.
     assert (st.concealed, st.late, st.lost, st.skipped, st.inserted) == (100, 100, 0, 0, 0)
     assert st.resyncs == 0  # the burst's packets are behind the playout position, but not a restart
-    # The burst was not taken for jitter: the target did not rise. B did not move either.
+    # The burst was not taken for jitter: the target did not rise. B did not move either: it rests at
+    # the short edge of the dead band (1 ms; measured: 0.9-1.2 ms short): it started on the start
+    # target (10 ms), the jitter then set the target 1.5-1.9 ms higher, and the phase term brought B
+    # back to the band, not onto the target, so the timeline stays exact. (The old bound, 0.5 ms, held
+    # by where the old start fell on the 5 ms pull grid: B began 0-5 ms over the start target.)
     assert rx.trace.target(3.0).max() <= target_before + 0.5
-    assert np.abs(rx.trace.error(1.0)).max() < 0.5
+    assert np.abs(rx.trace.error(1.0)).max() < 1.25
     assert np.abs(np.diff(rx.trace.buffer(4.9, 5.5))).max() < 0.1
     # A second after the burst, capture-to-sink latency is what it was before the stall.
     assert len(st.latency_ms) > 100
@@ -481,16 +485,17 @@ def test_target_rises_quickly_when_jitter_rises() -> None:
     rx.run(11.5)
     # Within half a second the target covers the new jitter's bulk, all of it within 1.5 s (as soon as
     # 0.5 % of the window, 3 packets, have shown it); B follows at once, inserting a 2.5 ms slice of
-    # concealment per frame (12 slices, 30 ms; the old whole-frame inserts: 2 frames, 40 ms, 15 late too).
+    # concealment per frame (12 slices, 30 ms; the old whole-frame inserts: 2 frames, 40 ms).
     assert rx.trace.first_at_or_above(40.0, 10.0) < 10.5
     assert rx.trace.first_at_or_above(45.0, 10.0) < 11.5
     assert st.inserted == 12
-    assert st.late == 12  # the packets that came before the target had risen (whole-frame inserts: 15)
+    assert st.late == 11  # the packets that came before the target had risen (whole-frame inserts: 15)
     rx.run(19.8)
-    assert st.late == 12  # and none after
+    assert st.late == 11  # and none after
     assert (st.inserted, st.skipped) == (12, 0)
     assert rx.trace.target(12.0).max() < 48.0 + 0.5  # 40 ms of jitter + 3 ms margin + a block
-    # As the target creeps up, the phase term keeps B within 1 ms short of it (measured: -1.8 to -0.4).
+    # As the target creeps up, the phase term keeps B within 1 ms short of it (measured: -1.8 to -0.6;
+    # before, the last whole-frame insert overshot it: 2.4 to 5.7 ms over).
     err = rx.trace.error(12.0)
     assert err.min() > -2.5 and err.max() < 6.0
 
@@ -503,7 +508,7 @@ def test_target_falls_slowly_and_never_exceeds_max_latency() -> None:
     st, tr = rx.playout.stats, rx.trace
     assert tr.target().max() == 200.0  # reached, and capped
     assert tr.buffer(1.0).max() < 200.0 + 25.0  # B at most the cap + the skip threshold (a frame + 5 ms)
-    assert st.inserted == 63  # B rose with the target, a 2.5 ms slice per frame (157.5 ms)
+    assert st.inserted == 70  # B rose with the target, by 2.5 ms slices (175 ms)
     # Once the jitter has calmed down the target holds while the 10 s window remembers it, then falls by
     # at most 5 ms per second (25 us per 5 ms pull), to the quiet link's 4 ms of jitter + 3 ms margin +
     # a sink block.
@@ -513,15 +518,15 @@ def test_target_falls_slowly_and_never_exceeds_max_latency() -> None:
     assert tr.target(60.0).min() > 11.5 and tr.target(60.0).max() < 12.5
     # B follows it down by resampling alone (at most 0.5 %: 5 ms/s, as fast as the target may fall),
     # 3.6-4.5 ms over it (whole-frame skips left it up to 26.5 ms over); then it settles into the dead
-    # band (the phase term's time constant is 0.5 s). The one drop (1.7 ms) was at 0.12 s, when a
-    # packet 300 ms earlier than the first showed where the floor was.
+    # band (the phase term's time constant is 0.5 s). The two drops (3.3 ms) were in the first two
+    # seconds, while the floor and the target were still being found.
     falling = tr.error(20.0, 55.0)
     assert falling.min() > 0.0 and falling.max() < 20.0 + 5.0 + 2.0
-    assert st.skipped == 1
+    assert st.skipped == 2
     assert np.abs(tr.error(85.0)).max() < 2.5
 
 
-@pytest.mark.parametrize(("frame_us", "inserts"), [(2_500, 8), (60_000, 8)], ids=["2.5ms", "60ms"])
+@pytest.mark.parametrize(("frame_us", "inserts"), [(2_500, 9), (60_000, 9)], ids=["2.5ms", "60ms"])
 def test_skip_and_insert_thresholds_suit_small_and_large_frames(frame_us: int, inserts: int) -> None:
     # 15 s of 0-4 ms jitter, then 10 s of 0-30 ms; 16 kHz mono.
     fmt = AudioFormat(16_000, 1, frame_us)
@@ -540,7 +545,7 @@ def test_skip_and_insert_thresholds_suit_small_and_large_frames(frame_us: int, i
     assert (st.skipped, st.inserted, st.late) == (0, 0, 0)
     assert np.abs(rx.trace.error(2.0)).max() < 2.0
     rx.run(24.9)
-    # When the target jumps by 25 ms, B follows by inserting slices (20 ms), and no skip undoes them:
+    # When the target jumps by 25 ms, B follows by inserting slices (22.5 ms), and no skip undoes them:
     # after an insert, B stays short of the skip threshold.
     assert (st.skipped, st.inserted) == (0, inserts)
     err = rx.trace.error(17.0)
@@ -704,9 +709,9 @@ def gapped_payloads(fmt: AudioFormat) -> tuple[bytes, ...]:
 
 def test_latency_steps_are_at_most_a_slice() -> None:
     # 0-2 ms of jitter, 0-30 ms from 2 s to 8 s, then 0-2 ms again, with a target allowed to fall at
-    # 50 ms/s (ten times what the ratio may drain: 5 ms/s), and every 4th frame silent: B rises with
-    # the jitter by inserts, then falls with drops at quiet points and, where those do not keep up, in
-    # the tone. Before, each of these was a whole 20 ms frame.
+    # 100 ms/s (twenty times what the ratio may drain: 5 ms/s), and every 4th frame silent: B rises
+    # with the jitter by inserts, then falls with drops at quiet points and, where those do not keep up,
+    # in the tone. Before, each of these was a whole 20 ms frame.
     rng = random.Random(8)
     arrivals = transmit(
         Sender(),
@@ -715,33 +720,38 @@ def test_latency_steps_are_at_most_a_slice() -> None:
         extra_ms=lambda k: rng.uniform(0.0, 30.0 if 100 <= k < 400 else 2.0),
         payload=lambda k: gapped_payloads(STEREO_48K)[k % 16],
     )
-    rx = Receiver(config=PlayoutConfig(shrink_ms_per_s=50.0), record=False).send(arrivals)
+    rx = Receiver(config=PlayoutConfig(shrink_ms_per_s=100.0), record=False).send(arrivals)
     pb, st = rx.playout, rx.playout.stats
-    steps: list[tuple[int, int]] = []  # (frames taken so far, samples: + inserted, - dropped)
+    steps: list[tuple[int, int, bool]] = []  # (frames taken so far, + inserted / - dropped, waiting)
     inserted, dropped = pb.control.inserted, pb.control.dropped
 
     def on_insert(samples: int) -> None:
-        steps.append((st.frames_played, samples))
+        steps.append((st.frames_played, samples, pb.jb.peek(pb.jb.next_seq) is None))
         inserted(samples)
 
     def on_drop(samples: int) -> None:
-        steps.append((st.frames_played, -samples))
+        steps.append((st.frames_played, -samples, False))
         dropped(samples)
 
     pb.control.inserted, pb.control.dropped = on_insert, on_drop  # type: ignore[method-assign]
     rx.run(29.8)
     assert st.inserted >= 5 and st.skipped >= 5
     # Every step is one 2.5 ms slice: concealment in, or at most a slice out (in a pause a whole one, in
-    # the tone a stretch of half a slice or more that ends as it began); and at most one per frame.
+    # the tone a stretch of half a slice or more that ends as it began).
     assert st.inserted_ms == 2.5 * st.inserted and len(steps) == st.inserted + st.skipped
     assert 1.25 * st.skipped <= st.skipped_ms < 2.5 * st.skipped
-    assert max(abs(n) for _, n in steps) == 120  # 2.5 ms at 48 kHz
-    assert all(a[0] < b[0] for a, b in itertools.pairwise(steps))
+    assert max(abs(n) for _, n, _ in steps) == 120  # 2.5 ms at 48 kHz
+    # With the frame's packet in hand, one step per frame boundary at most; more slices go in only
+    # while a late packet is awaited (the alternative: concealing its frame whole, dropping the packet).
+    steering = [f for f, _, waiting in steps if not waiting]
+    assert all(a < b for a, b in itertools.pairwise(steering))
+    waits = {f for f, _, waiting in steps if waiting}
+    assert 0 < len(waits) <= 20
     # Latency from one decoded frame to the next never moves by more than a slice and the ratio's share
-    # (0.5 % of a frame), except across frames concealed in between (late while B rose: a slice each).
+    # (0.5 % of a frame), except after a wait or a frame concealed in between (late packets).
     lat = rx.trace.latency()
     moves = np.abs(np.diff(lat[~np.isnan(lat)]))
-    assert np.sort(moves)[-st.late - 1] <= 2.5 + 0.005 * 20.0 + 0.02
+    assert np.sort(moves)[-len(waits) - st.late - 1] <= 2.5 + 0.005 * 20.0 + 0.02
     # The quiet frames took drops while they could: B came down as fast as the target did.
     assert rx.trace.error(26.0).max() < 2.5
 

@@ -26,8 +26,7 @@ SLICE_NS = 2_500_000  # the shortest Opus frame: every inserted or dropped piece
 KP = 2.0  # per second: phase gain (1 ms beyond the dead band -> 0.2 % faster or slower; 0.5 s time constant)
 DEAD_BAND_NS = 2e6  # B may wander this far over the target before the ratio is bent to steer it,
 SHORT_BAND_NS = 1e6  # ... and this far short of it (short risks late packets; over only costs latency)
-SETTLE_NS = 2_000_000_000  # after the start, no dead band: B follows the target as the jitter gets known
-INSERT_BELOW_NS = 3e6  # B this far short: conceal one slice more at the next frame boundary
+INSERT_BELOW_NS = 3e6  # B this far short: conceal a slice more at the next frame boundary
 DROP_ABOVE_NS = DEAD_BAND_NS + SLICE_NS  # B this far over: drop a slice at the next quiet point
 URGENT_ABOVE_NS = 10e6  # this far over (beyond what resampling drains in a second or two): quiet or not
 MAX_DRIFT = 0.002  # clamp on the drift estimate: 0.2 % (2000 ppm) is far beyond any sound card
@@ -414,13 +413,14 @@ class LatencyController:
         if not self.resampling:
             return
         # The phase term: nothing within the dead band (on a steady link B wanders by a millisecond or so
-        # with the receiver's timing; leaving the ratio alone then keeps the timeline exact), beyond it
-        # proportional, up to MAX_STEER.
-        settled = self._started is not None and now - self._started >= SETTLE_NS
-        over, short = (DEAD_BAND_NS, SHORT_BAND_NS) if settled else (0.0, 0.0)
-        beyond = (err - over if err > over else err + short if err < -short else 0.0) / 1e9  # seconds
+        # with the receiver's timing, and the target by as much while the jitter gets known; leaving the
+        # ratio alone then keeps the timeline exact), beyond it in proportion to the excess, up to
+        # MAX_STEER: B is brought back to the band's edge, gently when it has just crossed it (drift),
+        # at 5 ms/s when it is far out.
+        over, short = err - DEAD_BAND_NS, err + SHORT_BAND_NS
+        beyond = (over if over > 0 else short if short < 0 else 0.0) / 1e9  # seconds
         self.steer = max(-MAX_STEER, min(MAX_STEER, KP * beyond))
-        estimate = self.drift.update(now, b, self.floor.value, err > DEAD_BAND_NS or err < -SHORT_BAND_NS)
+        estimate = self.drift.update(now, b, self.floor.value, beyond != 0.0)
         if estimate is not None:
             # Pivot the sender's schedule at the playout position to the new clock rate, re-evaluate m
             # on it, and carry B's resulting step into u (it is not a trend).

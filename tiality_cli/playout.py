@@ -33,10 +33,13 @@ How latency is controlled (all figures in receiver time):
     that the first one heard joins on. So B starts on its target whatever came first.
   * Steering, by at most a 2.5 ms slice at a time (the shortest Opus frame; PLC conceals any multiple of
     it), never a whole frame. Raising latency is cheap: when B is 3 ms short, a slice of concealment
-    goes in before the next frame, one per frame until B is back. Lowering it is gradual: the resampling
+    goes in before the next frame, one per frame until B is back; and when the frame whose turn it is
+    has no packet yet while B is short, it is waited for a slice at a time, up to the target (rather
+    than concealed whole and its packet dropped as late: a delay that steps up costs a packet or two,
+    not all of them until B has caught up). Lowering it is gradual: the resampling
     ratio is 1 + drift + a phase term (0.2 % per ms beyond a dead band of 2 ms over and 1 ms short of
-    the target, at most 0.5 %, inaudible: 5 ms/s; no band in the first 2 s, while the target settles),
-    and when B is a slice over the band, a slice is dropped from the next decoded frame at its quietest
+    the target, at most 0.5 %, inaudible: 5 ms/s; inside the band the timeline is left exact), and
+    when B is a slice over the band, a slice is dropped from the next decoded frame at its quietest
     2.5 ms if that is below -40 dBFS; when B is 10 ms over, from its quietest 5 ms anyway (a stretch of
     1.25-2.5 ms that ends as it began, for voiced sound whole pitch periods, crossfaded over a slice).
     At most one step per frame. Drift comes from a frequency-locked loop on B's trend
@@ -237,6 +240,7 @@ class StreamPlayout:
         self._mark_write = 0
         self._trim = 0  # samples to cut from the front of the next decoded frame (entering it at the start)
         self._inserted = False  # a slice was inserted since the last frame
+        self._wait_budget = 0  # samples by which B may rise waiting for a late packet (up to the target)
         self.latency_ns = math.nan  # the latest decoded frame's ADC-to-DAC latency
 
         self._k0 = 0  # where playout started (or last resynchronised)
@@ -396,16 +400,24 @@ class StreamPlayout:
     def _produce(self) -> None:
         """Appends one frame (decoded, FEC, concealed) or an inserted slice to the FIFO."""
         jb, st, dec, ctl = self.jb, self.stats, self.decoder, self.control
-        if ctl.insert and not self._inserted:  # one slice per frame boundary: never two in a row
+        seq = jb.next_seq
+        # Raising B is cheap while the frame whose turn it is has not come: concealing it whole and
+        # dropping its packet when it comes is the alternative. So as long as B is short of the target,
+        # wait for it a slice at a time (unless the next packet can rebuild it from its FEC).
+        waiting = self._wait_budget >= self._slice and jb.peek(seq) is None
+        if waiting and self.fec:
+            nxt = jb.peek(seq + 1)
+            waiting = nxt is None or not _has_fec(nxt)
+        if waiting or (ctl.insert and not self._inserted):  # else one slice per frame boundary at most
             self._inserted = True
-            n = dec.conceal(ctl.insert)
+            self._wait_budget -= self._slice
+            n = dec.conceal(self._slice)
             ctl.inserted(n)
             st.inserted += 1
             st.inserted_ms += n * 1000 / self._rate
             self._append(n)
             return
         self._inserted = False
-        seq = jb.next_seq
         payload, capture = jb.pop()
         cut = None
         if payload is not None:
@@ -560,6 +572,7 @@ class StreamPlayout:
         """Asks the controller what to do next, and publishes its figures."""
         ctl, st = self.control, self.stats
         ctl.update(now, n, self._due - self._handed, self.jb.next_seq)
+        self._wait_budget = max(0, round(-ctl.error_ns * self._rate / 1e9))
         st.buffer_ms = ctl.buffer_ns / 1e6
         st.target_ms = ctl.target_ns / 1e6
         st.drift_ppm = ctl.drift.estimate * 1e6
