@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_playout import (
+from tests.test_playout import (
     MS,
     STEREO_48K,
     T0,
