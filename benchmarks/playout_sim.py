@@ -39,7 +39,6 @@ from tests.test_playout import (
     stall,
     transmit,
 )
-
 from tiality_cli.playout import PlayoutConfig
 from tiality_cli.stats import ReceiverStats
 

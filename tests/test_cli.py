@@ -182,8 +182,8 @@ def test_recv_json_lines_and_summary(receiver_cli: tuple[subprocess.Popen[str], 
     assert all(keys <= ln.keys() for ln in lines)
     summary = lines[-1]
     assert summary["packets"] == 100 and summary["lost"] == 0, summary
-    # Every frame is played once; the adaptive buffer may add (inserted) or drop (skipped) a frame.
-    assert summary["frames_played"] - summary["inserted"] + summary["skipped"] == 100, summary
+    # Every frame is played once (the adaptive buffer's steps are 2.5 ms slices, not frames).
+    assert summary["frames_played"] == 100, summary
     assert 0 < summary["latency_ms_p50"] < 200
 
 
@@ -212,7 +212,7 @@ def test_receiver_serves_one_stream_after_another(tmp_path: Path) -> None:
     assert recv.returncode == 0
     final = json.loads(stdout.splitlines()[-1])
     assert final["packets"] == 125 and final["streams"] == 0
-    assert final["frames_played"] - final["inserted"] + final["skipped"] == 125
+    assert final["frames_played"] == 125
     _, info = read_wav(out)
     # Both streams back to back, nothing in between; each stream's last 5 ms block is written whole.
     assert abs(info.frames - final["frames_played"] * 960) <= 2 * 240

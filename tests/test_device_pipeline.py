@@ -276,7 +276,7 @@ def test_speech_through_real_devices_and_processes(
     assert sent["packets_sent"] == sent["receiver_packets"] == rs["packets"] > 0, figures
     assert rs["lost"] == 0 and sent["receiver_lost"] == 0 and sent["dropped"] == 0, figures
     # Loopback on a shared 2-core machine: the playout engine may adjust by a frame or conceal a late one.
-    assert rs["frames_played"] - rs["inserted"] + rs["skipped"] >= rs["packets"] - rs["late"], figures
+    assert rs["frames_played"] >= rs["packets"] - rs["late"], figures
     # No missing audio: the input is never silent, so the speaker's copy of it must not be either.
     region = run.speaker[max(0, round(t.lags[0])) : round(len(speech) + t.lags[-1])]
     assert find_dropouts(region, RATE) == [], figures

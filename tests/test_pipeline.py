@@ -70,7 +70,7 @@ def test_frame_sizes_layouts_and_rates_round_trip(
     assert (trip.info.sample_rate, trip.info.channels) == (rate, channels)
     s = trip.snap
     assert s.lost == 0 and s.packets == frames
-    assert s.frames_played - s.inserted + s.skipped == frames  # the buffer may adapt by a frame
+    assert s.frames_played == frames  # every frame once (latency steps are 2.5 ms slices, not frames)
     assert abs(len(trip.out) - round(0.8 * rate)) <= fmt.frame_samples * (1 + s.inserted + s.skipped)
     ref = convert_audio(speech, 48_000, fmt).astype(np.float32) / 32768
     lag = align(ref[:, :1], trip.out[:, :1], max_lag_samples=rate // 10)

@@ -887,16 +887,18 @@ def test_sender_clock_drift_over_an_hour(ppm: float) -> None:
     rx.send(stream(sender, frames, Network(jitter_ms=4.0))).run(3599.0)
     st, tr = rx.playout.stats, rx.trace
     assert (st.late, st.concealed, st.lost, st.skipped, st.inserted) == (0, 0, 0, 0, 0)
-    # B: within 5 ms of the target from the start, then within 3 ms: the loop's 2 ms dead band, which
-    # the phase term enforces from outside. The target: 4 ms of jitter + 3 ms margin + a 5 ms sink block.
-    assert np.abs(tr.error(1.0)).max() < 5.0  # measured: 2.5 and 3.5
-    assert np.abs(tr.error(60.0)).max() < 3.0  # measured: 2.3
+    # B: within 5 ms of the target from the start, then within 3 ms: the loop's dead band (2 ms over,
+    # 1 ms short), which the phase term enforces from outside. The target: 4 ms of jitter + 3 ms margin
+    # + a 5 ms sink block.
+    assert np.abs(tr.error(1.0)).max() < 5.0  # measured: 1.1 and 2.2 (whole-frame steps: 2.5 and 3.5)
+    assert np.abs(tr.error(60.0)).max() < 3.0  # measured: 1.1 (2.3)
     assert tr.target(60.0).min() > 11.5 and tr.target(60.0).max() < 12.5
-    # The drift estimate: within 25 ppm of the truth after a minute (measured: 19 and 4), and over the
-    # last half hour within 2 ppm on average and 5 ppm at worst (measured: 2.5 and 1.4). It only moves
-    # when B leaves the dead band (otherwise the timeline is left exact), so it is as good as B needs
-    # to stay inside the band: an error of 5 ppm moves B by 5 us per second (the 4 ms band takes 13
-    # minutes to cross) and is 0.01 cents of pitch; 25 ppm, 2.7 minutes and 0.04 cents.
+    # The drift estimate: within 25 ppm of the truth after a minute (measured: 2.3 and 2.2; before the
+    # 30-block acquisition, 19 and 4), and over the last half hour within 2 ppm on average and 5 ppm at
+    # worst (measured: 0.1 and 0.3, 2.3 and 2.2). Once acquired, it only moves when B leaves the dead
+    # band (otherwise the timeline is left exact), so it is as good as B needs to stay inside the band:
+    # an error of 5 ppm moves B by 5 us per second (the 3 ms band takes 10 minutes to cross) and is
+    # 0.01 cents of pitch; 25 ppm, 2 minutes and 0.04 cents.
     assert np.abs(tr.drift(60.0) - ppm).max() < 25.0
     assert abs(float(tr.drift(1800.0).mean()) - ppm) < 2.0
     assert np.abs(tr.drift(1800.0) - ppm).max() < 5.0
@@ -905,7 +907,8 @@ def test_sender_clock_drift_over_an_hour(ppm: float) -> None:
 @pytest.mark.slow
 def test_sender_300_ppm_fast_for_ten_minutes() -> None:
     """The field default (48 kHz stereo, 20 ms): after the first second no frame is concealed and B
-    stays within 10 ms of its target; in fact within 3 ms (the dead band, enforced from outside)."""
+    stays within 10 ms of its target; in fact within 3 ms (the dead band, enforced from outside;
+    measured: 1.1 ms, and the drift estimate within 0.7 ppm after a minute)."""
     sender = Sender(ppm=300.0)
     frames = range(round(600 * S * (1 + 300e-6) / STEREO_48K.frame_ns))
     rx = Receiver(config=PlayoutConfig(), record=False, wake_ms=1.0)
