@@ -33,6 +33,8 @@ from tiality_cli.errors import ConfigError
 # gRPC's C core logs its own copy of errors we already report in one line; keep stderr to that line.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+FILE_LATENCY_MS = 60.0  # recv -o file: with --latency auto: a buffer no loopback or LAN jitter exceeds
+
 app = typer.Typer(
     name="tiality",
     help="Live audio from a robot's Raspberry Pi to its operator: capture, Opus, gRPC, adaptive playout.",
@@ -247,7 +249,11 @@ def recv(
     seconds: Annotated[float | None, typer.Option(help="Exit after this much audio has been played.")] = None,
     once: Annotated[bool, typer.Option(help="Exit when the first stream ends.")] = False,
     latency: Annotated[
-        str, typer.Option(help="Target buffer: 'auto' (follows jitter) or milliseconds.")
+        str,
+        typer.Option(
+            help="Target buffer: 'auto' (follows jitter) or milliseconds. A file: output records every "
+            f"sample exactly: 'auto' is then a fixed {FILE_LATENCY_MS:g} ms, with no resampling."
+        ),
     ] = "auto",
     max_latency: Annotated[float, typer.Option(help="Ceiling for the buffer target (ms).")] = 200.0,
     rate: Annotated[
@@ -286,10 +292,17 @@ def recv(
         from tiality_cli.receiver import Receiver, ReceiverConfig
 
         parse_port(str(port), "--port")
-        playout = PlayoutConfig(latency_ms=_parse_latency(latency), max_latency_ms=max_latency).validate()
+        uri = output or _default_output()
+        target = _parse_latency(latency)
+        playout = PlayoutConfig(latency_ms=target, max_latency_ms=max_latency)
+        if uri.startswith("file:"):
+            # Nobody listens to a file while it is written, but every sample of it counts: a fixed buffer
+            # (no target changes, so no latency steps) and no resampling keep the decoded audio intact.
+            fixed = min(FILE_LATENCY_MS, max_latency) if target is None else target
+            playout = PlayoutConfig(latency_ms=fixed, max_latency_ms=max_latency, drift_compensation=False)
+        playout.validate()
         if seconds is not None and seconds <= 0:
             raise ConfigError(f"--seconds {seconds:g}: must be positive")
-        uri = output or _default_output()
         fmt = None
         if rate is not None or channels is not None or uri.startswith(("sd://", "alsa://")):
             fmt = AudioFormat(rate or 48_000, channels or 2).validate_opus()
