@@ -214,7 +214,11 @@ def run_pipeline(
     speaker = StampedRecorder(env, "spk.monitor").wait_frames(1)
     try:
         # --seconds is a safety net only: the sender is stopped (SIGINT, as Ctrl-C) once the tail is in.
-        tx = Proc.tiality(["send", f"127.0.0.1:{port}", "-i", input_uri, "--seconds", "60", "--json"], env)
+        # restricted-lowdelay keeps the waveform (voip, the default, high-passes it), so SNR means fidelity
+        codec = ["--application", "restricted-lowdelay"]
+        tx = Proc.tiality(
+            ["send", f"127.0.0.1:{port}", "-i", input_uri, "--seconds", "60", "--json", *codec], env
+        )
         spawned.append(tx)
         rx.wait_for("stream", lambda: any(d["packets"] > 0 for d in rx.json_lines("stats")))
         player = card.play_into_mic(signal_in)

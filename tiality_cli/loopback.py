@@ -286,7 +286,8 @@ class LoopbackResult:
     underruns: int
     latency: LatencyFigures | None = None  # live mode only
     starved_frames: int = 0  # live: frames made up (concealed) because the mic's was not there in time
-    dropped_frames: int = 0  # live: frames of the mic's not played (skipped to hold the latency, or late)
+    dropped_frames: int = 0  # live: frames of the mic's that came too late to play (the engine's 2.5 ms
+    # latency steps are not losses: they are in the engine's stats, not here)
     drift_ppm: float = 0.0  # live: how fast the mic's clock runs against the speaker's, as measured
     recording: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
     decoded: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
@@ -495,8 +496,8 @@ def run_live(
         overruns=source.overruns,
         underruns=sink.underruns - under0,
         latency=LatencyFigures.of(stats.latency_ms.values()),
-        starved_frames=stats.concealed + stats.inserted,
-        dropped_frames=stats.skipped + stats.late,
+        starved_frames=stats.concealed,
+        dropped_frames=stats.late,
         drift_ppm=stats.drift_ppm,
         channels=tuple(per_channel.levels()),
     )
