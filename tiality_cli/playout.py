@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import numpy as np
@@ -270,6 +270,7 @@ class StreamPlayout:
         self._insert_wanted = False
         self._missing = 0  # frames missing at their turn
         self._late_missed = 0  # ... whose packet came afterwards
+        self._policy: PlayoutConfig | None = None  # set_policy() hands a new policy to the sink thread
 
     def _initial_target_ns(self) -> float:
         cfg = self.config
@@ -290,6 +291,8 @@ class StreamPlayout:
     def pull(self, out: F32) -> bool:
         """Writes exactly ``len(out)`` samples; returns False when no stream audio was written."""
         now = self.clock.monotonic_ns()
+        if self._policy is not None:
+            self._apply_policy(self._policy)
         self._drain()
         n = len(out)
         if self.state == State.WAITING:
@@ -629,3 +632,52 @@ class StreamPlayout:
         self._floor.rebuild(self._sched_t, nxt, self._period)
         self._u_acc += self._floor.value - m
         self.stats.drift_ppm = drift * 1e6
+
+    # ---- runtime policy and A/V sync, for the receiver (any thread) ---------------------------------------
+    def set_policy(self, latency_ms: float | None, max_latency_ms: float) -> None:
+        """Changes the target policy of a running stream; the sink thread applies it at its next pull.
+
+        The jitter buffer was sized for the max latency the stream started with: a higher one counts up to
+        half its span (a resync would follow beyond). A fixed target applies at once (skipping or inserting
+        frames to get there), an auto one follows the jitter from where it is.
+        """
+        span_ms = self.jb.capacity // 2 * self._T / 1e6
+        cfg = replace(self.config, latency_ms=latency_ms, max_latency_ms=min(max_latency_ms, span_ms))
+        if cfg.latency_ms is not None and cfg.latency_ms > cfg.max_latency_ms:
+            cfg = replace(cfg, latency_ms=cfg.max_latency_ms)
+        self._policy = cfg.validate()
+
+    def _apply_policy(self, cfg: PlayoutConfig) -> None:
+        self._policy = None
+        self.config = cfg
+        ceiling = cfg.max_latency_ms * 1e6
+        if cfg.latency_ms is not None:
+            self._desired_ns = self.target_ns = cfg.latency_ms * 1e6
+        else:
+            self._desired_ns = min(self._desired_ns, ceiling)
+            self.target_ns = min(self.target_ns, ceiling)
+            self._since_quantile = max(self._since_quantile, 8)  # re-evaluate the percentile at once
+
+    def capture_to_output_ns(self, capture_ns: int) -> int | None:
+        """Where the sample captured at ``capture_ns`` (receiver clock, as pushed) lies in the output, in ns
+        after the next sample the sink will pull (negative: already pulled); None before the first decoded
+        frame.
+
+        From the latency markers: the decoded frame captured last at or before ``capture_ns`` (or the oldest
+        kept), extrapolated at the output rate, so a capture time whose audio is still in the jitter buffer
+        maps to where it will play if nothing is skipped or inserted meanwhile.
+        """
+        w = self._mk_w
+        if w == 0:
+            return None
+        best, best_cap, oldest, oldest_cap = -1, 0, -1, 0
+        for j in range(max(0, w - len(self._mk_cap)), w):
+            i = j & 63
+            cap = int(self._mk_cap[i])
+            if cap <= capture_ns and (best < 0 or cap >= best_cap):
+                best, best_cap = i, cap
+            if oldest < 0 or cap < oldest_cap:
+                oldest, oldest_cap = i, cap
+        i = best if best >= 0 else oldest
+        ahead = int(self._mk_pos[i]) - self._out_pos
+        return ahead * 1_000_000_000 // self._rate_out + capture_ns - int(self._mk_cap[i])

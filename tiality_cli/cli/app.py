@@ -7,8 +7,7 @@ Heavy modules (grpc, numpy, sounddevice, alsaaudio, opuslib) are imported inside
 from __future__ import annotations
 
 import os
-import threading
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -249,6 +248,8 @@ def recv(
         if seconds is not None and seconds <= 0:
             raise ConfigError(f"--seconds {seconds:g}: must be positive")
         uri = output or _default_output()
+        if uri.startswith("app://"):
+            raise ConfigError("-o app://: for programs that pull the audio themselves (Receiver.fill)")
         fmt = None
         if rate is not None or channels is not None or uri.startswith(("sd://", "alsa://")):
             fmt = AudioFormat(rate or 48_000, channels or 2).validate_opus()
@@ -333,32 +334,21 @@ def demo(
                     markup=False,
                     highlight=False,
                 )
-            outcome: dict[str, Any] = {}
-
-            def work() -> None:
-                try:
-                    outcome["result"] = sender.run()
-                    receiver.wait_for(streams_ended=1, timeout=5.0)
-                except BaseException as exc:
-                    outcome["error"] = exc
-
-            thread = threading.Thread(target=work, name="tiality-demo", daemon=True)
             with stop_on_signals() as stop:
-                thread.start()
+                sender.start()
                 present(
-                    lambda: not thread.is_alive(),
+                    lambda: not sender.running,
                     stop,
-                    on_stop=sender.stop,
+                    on_stop=lambda: sender.stop(wait=False),
                     table=lambda: receiver_table(receiver.snapshot(), title="tiality demo"),
                     line=lambda: json_line(receiver.snapshot().as_dict()) if json_ else None,
                     json_=json_,
                     quiet=False,
                 )
-            thread.join()
+            sender.wait()  # re-raises what stopped it
+            receiver.wait_for(streams_ended=1, timeout=5.0)
         finally:
             receiver.stop()
-        if "error" in outcome:
-            raise outcome["error"]
         snap = receiver.snapshot()
         played = sink.frames_written / (sink.format.sample_rate if sink.format else 48_000)
         if json_:

@@ -14,7 +14,7 @@ Table: a Table of this size costs several times more CPU at 4 refreshes a second
     recv_plain_line, send_plain_line, send_summary_line
                                  one log line of the same figures, for non-terminals
     sender_entry, json_line      JSON lines (field names: docs/stats.md)
-    level_meter, sparkline, grid, step_volume_db, gain_db
+    level_meter, sparkline, grid, step_volume_db
                                  the small pieces
 """
 
@@ -45,7 +45,7 @@ PEAK_HOLD = 8  # refreshes a level peak stays marked on the meter (2 s at 4 Hz)
 RATE_SPAN_S = 2.0  # packets/s and kbit/s are averaged over about this long, so they do not flicker
 VOLUME_STEP_DB = 3.0
 VOLUME_MIN_DB = -60.0
-VOLUME_MAX_DB = 12.0  # above 0 dB the mixer clips loud streams; allowed for quiet senders
+VOLUME_MAX_DB = 12.0  # above 0 dB the soft limiter rounds off loud streams; allowed for quiet senders
 SPARK_WIDTH = 14
 METER_WIDTH = 8
 RECV_KEYS = "keys: m mute · +/- volume (3 dB) · q quit"
@@ -105,11 +105,6 @@ def compact_peer(peer: str) -> str:
         if peer.startswith(prefix):
             return peer[len(prefix) :]
     return peer
-
-
-def gain_db(gain: float) -> float:
-    """A linear gain in dB, -120 for silence."""
-    return 20 * math.log10(gain) if gain > 1e-6 else -120.0
 
 
 def step_volume_db(current_db: float, steps: int) -> float:

@@ -54,10 +54,11 @@ class GrpcLink:
         self._stub = pb_grpc.AudioStreamStub(self._channel)
         self._metadata = token_metadata(sec)
         self._closed = False
+        self._settled = threading.Event()  # set by a decisive connectivity state, or by close()
 
     def wait_ready(self, timeout_s: float) -> None:
         """Returns once connected; fails fast (refused, unknown host) or after ``timeout_s``."""
-        settled = threading.Event()
+        settled = self._settled
         last: list[grpc.ChannelConnectivity] = []
 
         def watch(state: grpc.ChannelConnectivity) -> None:
@@ -70,6 +71,8 @@ class GrpcLink:
             settled.wait(timeout_s)
         finally:
             self._channel.unsubscribe(watch)
+        if self._closed:
+            raise ConnectError(f"cannot reach {self.target}: stopped while connecting")
         if last and last[-1] == grpc.ChannelConnectivity.READY:
             return
         if settled.is_set():  # TRANSIENT_FAILURE: a short RPC tells why, in gRPC's words
@@ -94,6 +97,10 @@ class GrpcLink:
             summary = self._stub.Stream(map(message, items), metadata=self._metadata, wait_for_ready=False)
         except grpc.RpcError as err:
             raise map_rpc_error(err, self.target) from None
+        except ValueError:  # the channel was closed under us (a sender stopping)
+            if not self._closed:
+                raise
+            raise ConnectError(f"stream to {self.target} closed") from None
         return totals_from_pb(summary)
 
     def check(self, timeout_s: float = 2.0) -> str:
@@ -109,7 +116,9 @@ class GrpcLink:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def close(self) -> None:
+        """Closes the channel: an open stream is cancelled and a wait_ready() in progress returns."""
         self._closed = True
+        self._settled.set()
         self._channel.close()
 
 
@@ -140,6 +149,8 @@ def map_rpc_error(err: grpc.RpcError, target: str) -> TialityError:
     details = (err.details() if hasattr(err, "details") else "") or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         return ConnectError(f"cannot reach {target}: {describe_unavailable(details)}")
+    if code == grpc.StatusCode.CANCELLED:
+        return ConnectError(f"cannot reach {target}: connection lost (the stream was cancelled)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ConnectError(f"cannot reach {target}: no answer (timed out)")
     if code == grpc.StatusCode.UNAUTHENTICATED:
