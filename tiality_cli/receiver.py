@@ -34,7 +34,7 @@ import numpy.typing as npt
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import DEFAULT_PORT, OPUS_RATES, AudioFormat, ServerSecurity
 from tiality_cli.errors import BusyError, ConfigError
-from tiality_cli.io.base import AppSink, Sink
+from tiality_cli.io.base import BLOCK_US, AppSink, Sink
 from tiality_cli.link import ClockEstimate, StreamInfo, StreamTotals
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.recording import OpusRecorder, OpusTap, WavRecorder, check_record_path
@@ -280,6 +280,25 @@ class Session:
             old.close()
 
 
+class _BurstClock:
+    """The playouts' clock: the receiver's, except on the thread pulling a large block in device-sized
+    pieces, where each piece reads ``back_ns`` earlier (see Receiver.fill)."""
+
+    def __init__(self, base: Clock) -> None:
+        self.base = base
+        self.back_ns = 0
+        self.thread = 0
+
+    def monotonic_ns(self) -> int:
+        t = self.base.monotonic_ns()
+        if self.back_ns and threading.get_ident() == self.thread:
+            return t - self.back_ns
+        return t
+
+    def wall_ns(self) -> int:
+        return self.base.wall_ns()
+
+
 class _Events:
     """Subscribers and the thread that calls them, in the order events were emitted."""
 
@@ -353,6 +372,7 @@ class Receiver:
             raise ConfigError("TLS on a shared gRPC server is the server's own: add a secure port to it")
         self.sink = _resolve_sink(sink, cfg)
         self.clock = clock
+        self._burst_clock = _BurstClock(clock)  # the playouts' clock (see fill)
         self.finished: list[ReceiverStats] = []  # stats of ended streams, for the summary
         self.streams_started = 0
         self.streams_ended = 0
@@ -376,6 +396,7 @@ class Receiver:
         self._volume = 1.0
         self._muted = False
         self._out_rate = 48_000
+        self._chunk = 240  # the most a session is pulled at once (5 ms, as a device's period)
         self._master = _Fader(480)
         self._meter = 0.0  # output peak hold (1.0 = full scale)
         self._alloc(4096, 2)
@@ -513,6 +534,7 @@ class Receiver:
             self.sink.open(fmt)
         out = self.sink.format or fmt
         self._out_rate = out.sample_rate
+        self._chunk = out.sample_rate * BLOCK_US // 1_000_000
         ramp = round(self.config.ramp_ms * out.sample_rate / 1000)
         self._master = _Fader(ramp, self._master.gain)
         self._alloc(max(4096, out.frame_samples), out.channels)
@@ -621,11 +643,11 @@ class Receiver:
         Returns False when no stream audio was written (``out`` is silence).
         """
         n = len(out)
+        if delay_ns is not None:
+            self._app_delay_ns = delay_ns
         if not self._running or n == 0:
             out[:] = 0
             return False
-        if delay_ns is not None:
-            self._app_delay_ns = delay_ns
         self._track_timeline(n)
         sessions = self._sessions
         if out.ndim != 2 or out.shape[1] != self._acc.shape[1]:
@@ -641,11 +663,13 @@ class Receiver:
                 if s._solo:
                     solo = True
                     break
-            tmp = self._tmp[:n]
+            tmp, chunk = self._tmp[:n], self._chunk
             for i, s in enumerate(sessions):
                 buf = acc if i == 0 else tmp
-                if s.playout.pull(buf):
-                    playing = True
+                if n <= chunk:
+                    playing = s.playout.pull(buf) or playing
+                else:
+                    playing = self._pull_burst(s.playout, buf, chunk) or playing
                 heard = not s._muted and (s._solo or not solo)
                 s.fader.apply(buf, s._gain if heard else 0.0, g, idx)
                 if i:
@@ -670,6 +694,20 @@ class Receiver:
         if playing and self._wav_rec is not None:
             self._wav_rec.push(pcm)
         self._fills += 1
+        return playing
+
+    def _pull_burst(self, playout: StreamPlayout, buf: F32, chunk: int) -> bool:
+        """Pulls a large block as a burst of device-sized pulls, each stamped with the time its samples
+        would have been pulled by a device ending its last pull now (the timeline the playout fits to its
+        pulls anyway): its latency control then sees a steady device from the first block on."""
+        bc, n = self._burst_clock, len(buf)
+        last = (n - 1) // chunk * chunk
+        bc.thread = threading.get_ident()
+        playing = False
+        for a in range(0, n, chunk):
+            bc.back_ns = (last - a) * 1_000_000_000 // self._out_rate
+            playing = playout.pull(buf[a : a + chunk]) or playing
+        bc.back_ns = 0
         return playing
 
     @staticmethod
@@ -735,7 +773,7 @@ class Receiver:
                 self._start_sink(self.config.output_format or fmt)
             out = self.sink.format or fmt
             cfg = self._playout_cfg
-            playout = StreamPlayout(fmt, out, cfg, self.clock, fec=info.fec)
+            playout = StreamPlayout(fmt, out, cfg, self._burst_clock, fec=info.fec)
             now = self.clock.monotonic_ns()
             soloed = any(s.solo for s in self._sessions)  # then a new sender starts silent, not with a blip
             s = Session(
