@@ -171,6 +171,7 @@ class Sender:
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
         self._capture_thread: threading.Thread | None = None
+        self._capture_lock = threading.Lock()
         self.clock_filter = ClockFilter()
         self._clock_pending: ClockEstimate | None = None
         self._next_seq = 0  # the sequence number of the next frame captured
@@ -317,11 +318,16 @@ class Sender:
         fmt, st, cfg = self.format, self.stats, self.config
         # Capture starts when the link starts pulling this iterator, i.e. once the call is open: audio
         # captured while connecting would reach the receiver as a burst of already-old packets.
-        if self._capture_thread is None:
-            self.source.open()
-            self._capture_thread = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
-            self._capture_thread.start()
-        else:
+        with self._capture_lock:  # run() may be ending on another thread (the stream refused at once)
+            if self._stop.is_set():
+                return
+            fresh = self._capture_thread is None
+            if fresh:
+                self.source.open()
+                t = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
+                t.start()
+                self._capture_thread = t
+        if not fresh:
             # A new stream after an outage: what waited in the backlog is stale; start from the newest.
             while len(self._backlog) > 1:
                 self._backlog.popleft()
@@ -402,8 +408,10 @@ class Sender:
             )
         finally:
             self.stop()
-            if self._capture_thread is not None:
-                self._capture_thread.join(timeout=2.0)
+            with self._capture_lock:  # no capture thread starts after this
+                capture = self._capture_thread
+            if capture is not None:
+                capture.join(timeout=2.0)
             self.source.close()
 
     def _stream_once(self) -> StreamTotals:

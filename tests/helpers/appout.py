@@ -10,6 +10,8 @@ sample.
 from __future__ import annotations
 
 import heapq
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -173,3 +175,70 @@ class AppOutput:
 
     def close(self) -> None:
         self.rx.stop()
+
+
+class RealTimePull:
+    """An application's audio engine in real time: a thread pulls ``rx.fill`` every ``block`` samples on an
+    absolute schedule (a device's clock), keeps what it got, and calls ``hook(index)`` before each pull.
+
+    ``scheduled_wall_ns(i)`` is when sample i was due on that schedule (the DAC's time, were this a
+    device); ``called_wall_ns(i)`` when the pull that returned it actually ran (a late wake-up shows here).
+    """
+
+    def __init__(self, rx: Receiver, block: int = 240, hook: Callable[[int], None] | None = None) -> None:
+        fmt = rx.sink.format
+        assert fmt is not None
+        self.rx, self.block, self.hook = rx, block, hook
+        self.rate, self.channels = fmt.sample_rate, fmt.channels
+        self.position = 0  # samples pulled so far
+        self._chunks: list[npt.NDArray[np.int16]] = []
+        self._called: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-audio-engine", daemon=True)
+        self.t0_wall = 0
+        self.t0_mono = 0
+
+    def __enter__(self) -> RealTimePull:
+        self.t0_mono, self.t0_wall = time.monotonic_ns(), time.time_ns()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            due = self.t0_mono + self.position * NS // self.rate
+            wait = due - time.monotonic_ns()
+            if wait > 0 and self._stop.wait(wait / NS):
+                return
+            if self.hook is not None:
+                self.hook(self.position)
+            buf = np.zeros((self.block, self.channels), dtype=np.int16)
+            self._called.append(time.time_ns())
+            self.rx.fill(buf)
+            self._chunks.append(buf)
+            self.position += self.block
+
+    def output(self) -> npt.NDArray[np.float32]:
+        chunks = list(self._chunks)
+        if not chunks:
+            return np.zeros((0, self.channels), dtype=np.float32)
+        return np.concatenate(chunks).astype(np.float32) / 32768.0
+
+    def scheduled_wall_ns(self, sample: int) -> int:
+        return self.t0_wall + sample * NS // self.rate
+
+    def called_wall_ns(self, sample: int) -> int:
+        k = sample // self.block
+        return self._called[k] + (sample - k * self.block) * NS // self.rate
+
+    def wait_for(self, samples: int, timeout: float = 10.0) -> None:
+        """Returns once ``samples`` more have been pulled (polling, with a deadline)."""
+        target = self.position + samples
+        deadline = time.monotonic() + timeout
+        while self.position < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {samples} samples to be pulled")
+            time.sleep(0.01)

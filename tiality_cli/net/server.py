@@ -62,11 +62,13 @@ class _Servicer(pb_grpc.AudioStreamServicer):
         self._idle = threading.Condition(self._lock)
         self.closed = False
 
-    def _check(self, context: grpc.ServicerContext) -> None:
+    def _check(self, context: grpc.ServicerContext, report: bool = True) -> None:
         if self.closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
         refusal = self._token.refusal(context)
         if refusal is not None:
+            if not report:  # a clock probe: the stream that follows it is the refusal worth reporting
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> NoReturn:
@@ -77,7 +79,7 @@ class _Servicer(pb_grpc.AudioStreamServicer):
 
     def Clock(self, request: pb.ClockProbe, context: grpc.ServicerContext) -> pb.ClockReply:
         t1 = self._wall_ns()
-        self._check(context)
+        self._check(context, report=False)
         return pb.ClockReply(
             sender_send_ns=request.sender_send_ns, receiver_receive_ns=t1, receiver_send_ns=self._wall_ns()
         )
