@@ -432,7 +432,8 @@ class Receiver:
         app-owned output), starts playing silence. Returns the bound port (0 without a server of its own)."""
         if self._running:
             return self.port
-        self._stopping.clear()
+        if self._stopping.is_set():
+            raise RuntimeError("a stopped Receiver cannot start again (its output is closed): make a new one")
         now = self.clock.monotonic_ns()
         self._rates = (RateMeter(now), RateMeter(now))
         self._events.start()

@@ -192,7 +192,9 @@ class Sender:
     def start(self) -> None:
         """Runs the sender on a thread of its own and returns at once; ``result``/``error`` when it ends."""
         if self._thread is not None:
-            return
+            if self._thread.is_alive():
+                return
+            raise RuntimeError("a Sender runs once (its source is closed): make a new one")
         self._thread = threading.Thread(target=self._run_thread, name="tiality-send", daemon=True)
         self._thread.start()
 
