@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -649,10 +649,10 @@ class Receiver:
         if not self._running or n == 0:
             out[:] = 0
             return False
-        self._track_timeline(n)
-        sessions = self._sessions
         if out.ndim != 2 or out.shape[1] != self._acc.shape[1]:
             raise ValueError(f"fill: expected an (n, {self._acc.shape[1]}) buffer, got {out.shape}")
+        self._track_timeline(n)
+        sessions = self._sessions
         if n > len(self._acc):  # an unusually large block: grow once
             self._alloc(n, out.shape[1])
         acc, g, idx = self._acc[:n], self._g, self._idx
@@ -690,7 +690,7 @@ class Receiver:
             if playing and self._wav_rec is not None:
                 self._to_int16(acc, pcm)
         else:
-            pcm = out  # type: ignore[assignment]
+            pcm = cast(I16, out)
             self._to_int16(acc, pcm)
         if playing and self._wav_rec is not None:
             self._wav_rec.push(pcm)
