@@ -58,7 +58,8 @@ class _Servicer(pb_grpc.AudioStreamServicer):
         self._token = token
         self._on_refused = on_refused
         self._lock = threading.Lock()
-        self._calls: set[grpc.ServicerContext] = set()  # open Stream calls, cancelled by close()
+        # Open Stream calls -> still receiving (close() cancels those; the others are answering already).
+        self._calls: dict[grpc.ServicerContext, bool] = {}
         self._idle = threading.Condition(self._lock)
         self.closed = False
 
@@ -91,12 +92,12 @@ class _Servicer(pb_grpc.AudioStreamServicer):
         with self._lock:
             if self.closed:
                 context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
-            self._calls.add(context)
+            self._calls[context] = True
         try:
             return self._stream(request_iterator, context)
         finally:
             with self._lock:
-                self._calls.discard(context)
+                self._calls.pop(context, None)
                 self._idle.notify_all()
 
     def _stream(
@@ -134,16 +135,20 @@ class _Servicer(pb_grpc.AudioStreamServicer):
                 elif kind == "clock":
                     clock(estimate_from_pb(msg.clock))
         finally:
+            with self._lock:
+                self._calls[context] = False  # the sender is done: let its answer go out
             totals = handler.close()
         return totals_to_pb(totals)
 
     def close(self, timeout_s: float) -> bool:
-        """Refuses new calls, cancels the open streams and waits for their handlers to return (bounded)."""
+        """Refuses new calls, cancels the streams still receiving and waits for every handler to return
+        (bounded): a stream whose sender has finished gets its answer first."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             self.closed = True
-            for call in self._calls:
-                call.cancel()  # type: ignore[no-untyped-call]
+            for call, receiving in self._calls.items():
+                if receiving:
+                    call.cancel()  # type: ignore[no-untyped-call]
             while self._calls:
                 left = deadline - time.monotonic()
                 if left <= 0:
