@@ -381,8 +381,8 @@ class Sender:
                     st.state = "failed"
                     raise
                 except ConnectError as exc:
-                    if self._stop.is_set() and not self._streaming:
-                        summary = StreamTotals()  # stopped before a stream was open: nothing to report
+                    if self._stop.is_set():
+                        summary = StreamTotals()  # stopped while connecting (or cut off): end quietly
                         break
                     if not self.config.reconnect or self._stop.is_set() or self._captured_all.is_set():
                         st.state = "failed"
