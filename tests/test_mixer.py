@@ -9,6 +9,7 @@ twin without the change, click times against play_time_ns.
 from __future__ import annotations
 
 import math
+import subprocess
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -395,3 +396,22 @@ def test_snapshot_rates_do_not_depend_on_who_else_reads() -> None:
     assert slow[-1] == pytest.approx(true_kbps, rel=0.05)
     assert slow[-1] == pytest.approx(fast[-1], rel=0.01)
     assert slow[-2] == pytest.approx(true_kbps, rel=0.05)
+
+
+def test_an_opus_recording_starts_and_stops_mid_stream(tmp_path: Path) -> None:
+    packets = tone_packets(1000, 2.0)
+    path = tmp_path / "mid.opus"
+
+    def change(app: AppOutput, i: int) -> None:
+        if i == RATE // 2:
+            app.rx.start_recording(str(path))
+        if i == RATE:
+            app.rx.stop_recording()
+
+    run([packets], 1.5, before_pull=change)
+    wav = tmp_path / "mid.wav"
+    subprocess.run(["opusdec", "--quiet", "--rate", "48000", str(path), str(wav)], check=True, timeout=30)
+    audio, info = read_wav(wav)
+    # The packets that arrived while recording: half a second's worth, give or take a frame at each end.
+    assert abs(info.frames - RATE // 2) <= 2 * 960
+    assert level_db(audio[960:-960], 1000) == pytest.approx(-12.0, abs=0.5)
