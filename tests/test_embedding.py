@@ -202,6 +202,15 @@ def test_the_audio_service_shares_the_guis_own_grpc_server(started: bool) -> Non
                     f"127.0.0.1:{port}", seconds=0.2, reconnect=False, security=ClientSecurity("t0k")
                 ),
             ).run()
+        # A server carries one receiver at a time; once stopped, the next one takes the service over.
+        again = Receiver(None, ReceiverConfig(), server=server)
+        again.start()
+        with pytest.raises(tiality.ConfigError, match="already carries a receiver's audio"):
+            Receiver(None, ReceiverConfig(), server=server).start()
+        with RealTimePull(again):
+            res = Sender("tone://440", SenderConfig(f"127.0.0.1:{port}", seconds=0.5)).run()
+        again.stop()
+        assert res.receiver_packets == 25
         # The GUI's own service went on all along, on the same port.
         status = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="video"), timeout=5

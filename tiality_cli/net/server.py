@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, NoReturn
@@ -45,6 +46,9 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 WallClock = Callable[[], int]
+# The servicer each gRPC server carries (a server cannot drop a service, so a later receiver reuses it).
+_SERVED: weakref.WeakKeyDictionary[grpc.Server, _Servicer] = weakref.WeakKeyDictionary()
+_SERVED_LOCK = threading.Lock()
 RefusalHook = Callable[[str, str], None]  # (peer, reason): a stream refused before it reached the acceptor
 STOPPED = "the receiver has stopped"
 
@@ -62,6 +66,19 @@ class _Servicer(pb_grpc.AudioStreamServicer):
         self._calls: dict[grpc.ServicerContext, bool] = {}
         self._idle = threading.Condition(self._lock)
         self.closed = False
+        self.generation = 0  # bumped by reopen(): a handle from before cannot close the new service
+
+    def reopen(
+        self, accept: Acceptor, wall_ns: WallClock, token: TokenCheck, on_refused: RefusalHook | None
+    ) -> int | None:
+        """Serves a new receiver on a server that keeps this servicer; None while the old one still runs."""
+        with self._lock:
+            if not self.closed:
+                return None
+            self._accept, self._wall_ns, self._token, self._on_refused = accept, wall_ns, token, on_refused
+            self.generation += 1
+            self.closed = False
+            return self.generation
 
     def _check(self, context: grpc.ServicerContext, report: bool = True) -> None:
         if self.closed:
@@ -140,11 +157,13 @@ class _Servicer(pb_grpc.AudioStreamServicer):
             totals = handler.close()
         return totals_to_pb(totals)
 
-    def close(self, timeout_s: float) -> bool:
+    def close(self, timeout_s: float, generation: int) -> bool:
         """Refuses new calls, cancels the streams still receiving and waits for every handler to return
         (bounded): a stream whose sender has finished gets its answer first."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
+            if generation != self.generation:
+                return True  # that service was closed, and the servicer reopened for another receiver
             self.closed = True
             for call, receiving in self._calls.items():
                 if receiving:
@@ -161,11 +180,13 @@ class AudioService:
     """The AudioStream service added to a gRPC server; ``close()`` takes it out of service.
 
     A gRPC server cannot remove a service, so on a shared server (the operator GUI's own, which also
-    carries its video) a closed service stays registered and answers UNAVAILABLE.
+    carries its video) a closed service stays registered and answers UNAVAILABLE until another receiver
+    is added to the server: that one takes it over.
     """
 
-    def __init__(self, servicer: _Servicer) -> None:
+    def __init__(self, servicer: _Servicer, generation: int) -> None:
         self._servicer = servicer
+        self._generation = generation
 
     @property
     def streams(self) -> int:
@@ -175,7 +196,7 @@ class AudioService:
 
     def close(self, timeout_s: float = 3.0) -> bool:
         """Ends the open streams (their handlers return) and refuses new ones; False if one would not end."""
-        return self._servicer.close(timeout_s)
+        return self._servicer.close(timeout_s, self._generation)
 
 
 def add_audio_service(
@@ -189,11 +210,20 @@ def add_audio_service(
 
     Only the service: the server's ports, and so TLS, are its owner's, as are health and reflection.
     ``on_refused(peer, reason)`` hears of every call refused (token, format, busy), on the call's thread.
+    A server carries one receiver at a time: once that one's service is closed, the next takes it over.
     """
     sec = (security or ServerSecurity()).validate()
-    servicer = _Servicer(accept, wall_ns, TokenCheck(sec.token), on_refused)
-    pb_grpc.add_AudioStreamServicer_to_server(servicer, server)
-    return AudioService(servicer)
+    token = TokenCheck(sec.token)
+    with _SERVED_LOCK:
+        servicer = _SERVED.get(server)
+        if servicer is None:
+            servicer = _SERVED[server] = _Servicer(accept, wall_ns, token, on_refused)
+            pb_grpc.add_AudioStreamServicer_to_server(servicer, server)
+            return AudioService(servicer, servicer.generation)
+        generation = servicer.reopen(accept, wall_ns, token, on_refused)
+    if generation is None:
+        raise ConfigError("this gRPC server already carries a receiver's audio: stop that receiver first")
+    return AudioService(servicer, generation)
 
 
 def bind_address(host: str, port: int) -> str:
