@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian / Raspberry Pi OS packages tiality needs, or prints the command to do so.
-# Usage: scripts/sysdeps.sh run|test      (test adds the virtual sound card: PulseAudio + ALSA pulse plugin)
+# Usage: scripts/sysdeps.sh run|test      (test adds the virtual sound card, PulseAudio + ALSA pulse plugin, and
+# a virtual X server with Tk for the GUI example: xvfb, xauth, python3-tk)
 set -euo pipefail
 run_pkgs=(python3 python3-venv python3-dev gcc libopus0 libportaudio2 libasound2-dev libsamplerate0)
-test_pkgs=(pulseaudio pulseaudio-utils libasound2-plugins alsa-utils sox opus-tools ffmpeg openssl systemd)
+test_pkgs=(pulseaudio pulseaudio-utils libasound2-plugins alsa-utils sox opus-tools ffmpeg openssl systemd xvfb xauth python3-tk)
 want=("${run_pkgs[@]}")
 [ "${1:-run}" = test ] && want+=("${test_pkgs[@]}")
 missing=()

@@ -80,7 +80,9 @@ def test_a_reset_connection_is_re_established_by_the_sender(link: tuple[Receiver
     wait_until(lambda: rx.snapshot().packets >= 25, 10, "audio before the reset")
     assert proxy.cut() == 1
     wait_until(lambda: rx.streams_started >= 2, 10, "the sender to open a new stream")
-    wait_until(lambda: len(rx.sessions) == 1 and rx.sessions[0].received >= 25, 10, "audio after the reset")
+    wait_until(
+        lambda: len(rx.sessions()) == 1 and rx.sessions()[0].received >= 25, 10, "audio after the reset"
+    )
     thread.join(timeout=15)
     assert out["result"].reconnects >= 1
     assert sender.stats.frames_captured == 300  # capture never stopped

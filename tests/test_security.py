@@ -244,7 +244,7 @@ def test_exclusive_receiver_refuses_a_second_sender() -> None:
         )
         t = threading.Thread(target=first.run, daemon=True)
         t.start()
-        wait_until(lambda: len(rx.sessions) == 1, 10, "the first sender")
+        wait_until(lambda: len(rx.sessions()) == 1, 10, "the first sender")
         second = Sender(
             open_source("tone://300", AudioFormat()), SenderConfig(Endpoint("127.0.0.1", port), seconds=1)
         )

@@ -92,12 +92,12 @@ def test_100k_packets_through_one_receiver_keep_memory_flat() -> None:
                     packet=pb.AudioPacket(sequence=seq, capture_time_ns=clock.wall_ns(), payload=payload)
                 )
             )
-            session = rx.sessions[0] if rx.sessions else None
+            session = rx.sessions()[0] if rx.sessions() else None
             deadline = time.monotonic() + 10
             while session is None or session.received < seq + 1:  # queued by the network thread
                 assert time.monotonic() < deadline, f"packet {seq} never reached the receiver"
                 time.sleep(0)
-                session = rx.sessions[0] if rx.sessions else None
+                session = rx.sessions()[0] if rx.sessions() else None
             assert card.fill is not None
             for _ in range(4):  # then 20 ms of playout, in 5 ms periods
                 clock.advance(5_000_000)

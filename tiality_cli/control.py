@@ -345,6 +345,10 @@ class LatencyController:
         if j > self._percentile_ns:  # it may raise the target: look again at the next update, not later
             self._since_percentile = max(self._since_percentile, TARGET_EVERY)
 
+    def refresh_target(self) -> None:
+        """Re-evaluates the jitter percentile at the next update (after a policy change)."""
+        self._since_percentile = max(self._since_percentile, TARGET_EVERY)
+
     def resync(self, k: int, arrival: int) -> None:
         """The sequence restarted at k, arriving at ``arrival``: a new schedule and floor."""
         self.floor = Floor(self.floor.size)

@@ -71,7 +71,7 @@ import contextlib
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import numpy as np
@@ -249,6 +249,7 @@ class StreamPlayout:
         self._newest_capture = 0
         self._missing = 0  # frames missing at their turn
         self._late_missed = 0  # ... whose packet came afterwards
+        self._policy: PlayoutConfig | None = None  # set_policy() hands a new policy to the sink thread
 
     @property
     def buffer_ns(self) -> float:
@@ -279,6 +280,8 @@ class StreamPlayout:
         ``output_delay_ns``: the time from this call to the DAC playing ``out[0]`` (the sink's
         ``delay_ns``), so that ``latency_ms`` reaches the speaker."""
         now = self.clock.monotonic_ns()
+        if self._policy is not None:
+            self._apply_policy(self._policy)
         self._drain()
         n = len(out)
         if self.state == State.WAITING:
@@ -577,3 +580,55 @@ class StreamPlayout:
         st.target_ms = ctl.target_ns / 1e6
         st.drift_ppm = ctl.drift.estimate * 1e6
         st.resampled_ms = ctl.steered_ns / 1e6
+
+    # ---- runtime policy and A/V sync, for the receiver (any thread) ---------------------------------------
+    def set_policy(self, latency_ms: float | None, max_latency_ms: float) -> None:
+        """Changes the target policy of a running stream; the sink thread applies it at its next pull.
+
+        The jitter buffer was sized for the max latency the stream started with: a higher one counts up to
+        half its span (a resync would follow beyond). A fixed target applies at once (in 2.5 ms steps), an
+        auto one follows the jitter from where it is.
+        """
+        span_ms = self.jb.capacity // 2 * self._frame_ns / 1e6
+        cfg = replace(self.config, latency_ms=latency_ms, max_latency_ms=min(max_latency_ms, span_ms))
+        if cfg.latency_ms is not None and cfg.latency_ms > cfg.max_latency_ms:
+            cfg = replace(cfg, latency_ms=cfg.max_latency_ms)
+        self._policy = cfg.validate()
+
+    def _apply_policy(self, cfg: PlayoutConfig) -> None:
+        self._policy = None
+        self.config = cfg
+        ctl = self.control
+        fixed = None if cfg.latency_ms is None else cfg.latency_ms * 1e6
+        ctl.policy = replace(ctl.policy, fixed_ns=fixed, max_ns=cfg.max_latency_ms * 1e6)
+        if fixed is not None:
+            ctl.desired_ns = ctl.target_ns = fixed
+        else:
+            ctl.desired_ns = min(ctl.desired_ns, ctl.policy.max_ns)
+            ctl.target_ns = min(ctl.target_ns, ctl.policy.max_ns)
+            ctl.refresh_target()
+
+    def capture_to_output_ns(self, capture_ns: int) -> int | None:
+        """Where the sample captured at ``capture_ns`` (receiver clock, as pushed) lies in the output, in ns
+        after the next sample the sink will pull (negative: already pulled); None before the first decoded
+        frame.
+
+        From the latency markers: the decoded frame captured last at or before ``capture_ns`` (or the oldest
+        kept), extrapolated at the output rate, so a capture time whose audio is still in the jitter buffer
+        maps to where it will play if nothing is skipped or inserted meanwhile. The encoder's look-ahead is
+        added: the decoded frame's first sample was captured that much before its packet's capture time.
+        """
+        w = self._mark_write
+        if w == 0:
+            return None
+        best, best_cap, oldest, oldest_cap = -1, 0, -1, 0
+        for j in range(max(0, w - MARKS), w):
+            i = j % MARKS
+            cap = int(self._mark_capture[i])
+            if cap <= capture_ns and (best < 0 or cap >= best_cap):
+                best, best_cap = i, cap
+            if oldest < 0 or cap < oldest_cap:
+                oldest, oldest_cap = i, cap
+        i = best if best >= 0 else oldest
+        ahead_ns = (float(self._mark_pos[i]) - self._handed) * 1e9 / self._rate
+        return int(ahead_ns) + capture_ns - int(self._mark_capture[i]) + self._lookahead_ns

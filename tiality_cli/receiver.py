@@ -1,39 +1,58 @@
 """The receiver: gRPC streams in, one playout engine per sender, mixed and pulled by the sink.
 
-Usable from the operator's GUI without the CLI::
+Usable from the operator's GUI without the CLI (docs/embedding.md)::
 
-    sink = open_sink("sd://default")                 # or any object with the Sink protocol
-    with Receiver(sink, ReceiverConfig(port=50052)) as rx:
-        ...                                          # rx.snapshot() for figures, rx.sessions for senders
+    with Receiver("sd://default", ReceiverConfig(port=50052)) as rx:   # or any Sink, or None: app-owned
+        rx.volume_db = -6.0                                            # ramped, no click
+        for s in rx.sessions():                                        # one per connected sender
+            s.gain_db, s.solo = -3.0, True
+        rx.subscribe(print)                                            # stream_started, stream_ended...
 
 Threads: one gRPC worker per connected sender only parses messages and queues packets on its session;
-the sink's thread (an audio callback, or a paced thread for files) pulls every session, which decodes,
-conceals and resamples, then mixes them. Sessions are swapped in and out as immutable tuples, so the
-audio path takes no lock.
+the sink's thread (an audio callback, a paced thread for files, or the application's own audio callback
+calling ``fill``) pulls every session, which decodes, conceals and resamples, then mixes them with their
+gains and a soft limiter. Sessions are swapped in and out as immutable tuples and controls are plain
+attributes read once per block, so the audio path takes no lock. Events go to subscribers from a thread
+of their own, never from the audio or gRPC threads.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
-from tiality_cli.config import DEFAULT_PORT, AudioFormat, ServerSecurity
+from tiality_cli.config import DEFAULT_PORT, OPUS_RATES, AudioFormat, ServerSecurity
 from tiality_cli.errors import BusyError, ConfigError
-from tiality_cli.io.base import Sink, to_int16
+from tiality_cli.io.base import BLOCK_US, AppSink, Sink
 from tiality_cli.link import ClockEstimate, StreamInfo, StreamTotals
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.recording import OpusRecorder, OpusTap, WavRecorder, check_record_path
-from tiality_cli.stats import Rates, ReceiverStats, StatsSnapshot, dbfs
+from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
 
 if TYPE_CHECKING:
-    from tiality_cli.net.server import AudioServer
+    from tiality_cli.net.server import AudioServer, AudioService
+
+F32 = npt.NDArray[np.float32]
+I16 = npt.NDArray[np.int16]
+LIMIT_KNEE = 10 ** (-1 / 20)  # -1 dBFS: the soft limiter leaves everything below alone
+MAX_GAIN_DB = 24.0  # volume and per-sender gain ceiling
+SILENT_DB = -120.0  # at or below: silence (0.0 linear)
+METER_FALL_DB_PER_S = 20.0  # the output level meter's peak hold falls this fast
+TIMELINE_WINDOW_S = 0.5  # how much pulled audio the output timeline (A/V sync) is fitted over
+EVENT_KINDS = ("stream_started", "stream_ended", "output_error", "sender_refused")
+
+log = logging.getLogger("tiality")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +64,11 @@ class ReceiverConfig:
     security: ServerSecurity = field(default_factory=ServerSecurity)
     record: str | None = None  # PATH.wav: what was played; PATH.opus: the packets received
     listen: bool = True  # serve gRPC on bind:port; False: streams come only through open_stream()
+    # The output's format when the sink has none of its own (a file: else the first stream's; an app-owned
+    # output, sink None or "app://": else 48 kHz stereo). Opus decodes to 8, 12, 16, 24 or 48 kHz.
+    output_rate: int | None = None
+    output_channels: int | None = None
+    ramp_ms: float = 10.0  # volume, gain, mute and solo changes fade over this long: no click
 
     def validate(self) -> ReceiverConfig:
         """Raises ConfigError naming the option, for library callers as for the CLI."""
@@ -56,12 +80,113 @@ class ReceiverConfig:
             raise ConfigError(f"--max-senders {self.max_senders}: must be at least 1")
         if self.record is not None:
             check_record_path(self.record)
+        if self.output_rate is not None and self.output_rate not in OPUS_RATES:
+            rates = ", ".join(str(r) for r in OPUS_RATES)
+            raise ConfigError(f"output rate {self.output_rate} Hz: Opus decodes to {rates} Hz")
+        if self.output_channels is not None and self.output_channels not in (1, 2):
+            raise ConfigError(f"output channels {self.output_channels}: must be 1 or 2")
+        if not 1.0 <= self.ramp_ms <= 50.0:
+            raise ConfigError(f"ramp {self.ramp_ms:g} ms: must be 1 to 50 ms")
         return self
 
+    @property
+    def output_format(self) -> AudioFormat | None:
+        """The output format asked for, or None to take the sink's (or the first stream's)."""
+        if self.output_rate is None and self.output_channels is None:
+            return None
+        return AudioFormat(self.output_rate or 48_000, self.output_channels or 2)
 
-@dataclass(slots=True)
+
+def gain_from_db(db: float, what: str = "gain") -> float:
+    """dB to a linear gain: silence at or below -120 dB (or -inf), ConfigError above +24 dB or for NaN."""
+    if math.isnan(db) or db > MAX_GAIN_DB:
+        raise ConfigError(f"{what} {db:g} dB: must be at most {MAX_GAIN_DB:g} dB")
+    return 0.0 if db <= SILENT_DB else 10 ** (db / 20)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverEvent:
+    """Something that happened to the receiver, delivered to subscribers in order, off the audio thread."""
+
+    kind: str  # stream_started, stream_ended, output_error, sender_refused
+    session_id: int  # the sender's session (0 for output_error and sender_refused)
+    time_ns: int  # receiver wall clock
+    peer: str = ""  # gRPC peer, e.g. 'ipv4:192.168.1.20:51234'
+    name: str = ""  # what the sender calls itself
+    detail: str = ""  # why: the refusal, the output's error, how a stream ended
+
+
+class _Fader:
+    """A gain that moves to each new target in a straight line over ``ramp`` samples, applied in place.
+
+    Every change, however large, takes the same time: a step in gain is a click, a 10 ms ramp is not.
+    """
+
+    __slots__ = ("_left", "_step", "_to", "gain", "ramp")
+
+    def __init__(self, ramp: int, gain: float = 1.0) -> None:
+        self.ramp = max(1, ramp)
+        self.gain = gain  # the gain applied to the last sample
+        self._to = gain
+        self._step = 0.0
+        self._left = 0
+
+    def apply(self, x: F32, target: float, g: F32, idx: F32) -> None:
+        """Multiplies ``x`` (n x channels) by the gain, ramping towards ``target``; ``g``, ``idx`` scratch."""
+        if target != self._to:
+            self._to = target
+            self._left = self.ramp
+            self._step = (target - self.gain) / self.ramp
+        if self._left == 0:
+            if self.gain != 1.0:
+                np.multiply(x, self.gain, out=x)
+            return
+        n = len(x)
+        m = min(n, self._left)
+        gm = g[:m]
+        np.multiply(idx[:m], self._step, out=gm)
+        gm += self.gain
+        head = x[:m]
+        np.multiply(head, gm[:, None], out=head)
+        self._left -= m
+        if self._left:
+            self.gain = float(gm[-1])
+            return
+        self.gain = self._to
+        if m < n and self.gain != 1.0:
+            tail = x[m:]
+            np.multiply(tail, self.gain, out=tail)
+
+
+def soft_limit(x: F32, s1: F32, s2: F32) -> None:
+    """In place: unchanged up to -1 dBFS (1.0 = full scale), above it a tanh knee that approaches full scale.
+
+    Continuous with slope 1 at the knee, so an overload is rounded off instead of squared (no hard-clip
+    harmonics), and memoryless (no delay). Vectorised into the scratch buffers ``s1``, ``s2`` (x's shape):
+    nothing is allocated, and a block below the knee costs two reductions.
+    """
+    k = LIMIT_KNEE
+    if float(x.max()) <= k and float(x.min()) >= -k:
+        return
+    r = 1.0 - k
+    np.abs(x, out=s1)
+    np.subtract(s1, k, out=s1)
+    np.maximum(s1, 0.0, out=s1)  # how far over the knee
+    np.multiply(s1, 1.0 / r, out=s2)
+    np.tanh(s2, out=s2)
+    np.multiply(s2, r, out=s2)  # that excess squeezed into the headroom left
+    np.subtract(s1, s2, out=s1)  # what comes off (>= 0)
+    np.copysign(s1, x, out=s1)
+    np.subtract(x, s1, out=x)
+
+
+@dataclass(slots=True, eq=False)
 class Session:
-    """One connected sender; the transport feeds it as the stream's StreamHandler (tiality_cli.link)."""
+    """One connected sender; the transport feeds it as the stream's StreamHandler (tiality_cli.link).
+
+    A GUI gets these from ``Receiver.sessions()`` and sets ``gain_db``, ``muted`` and ``solo`` (any thread;
+    the mixer ramps to them). When any session is soloed, only soloed sessions are heard.
+    """
 
     id: int
     peer: str
@@ -72,15 +197,50 @@ class Session:
     algorithm_delay: int = 0
     clock_offset_ns: int = 0  # receiver clock - sender clock, as the sender last estimated it
     clock_round_trip_ns: int = 0  # the round trip that estimate came from (its uncertainty is half)
-    rates: Rates = field(default_factory=Rates)  # the snapshot's packets/s and kbit/s
+    # the snapshot's kbit/s and packets/s, over the last 2 s whoever reads them
+    rates: tuple[RateMeter, RateMeter] = field(default_factory=lambda: (RateMeter(), RateMeter()))
     received: int = 0  # packets taken off the wire (the playout counts them when it next runs)
     tap: OpusTap | None = None  # --record PATH.opus: the packets as received
     capture_delay_ns: int = 0  # the capture-device delay of the last packet, as the sender measured it
     drain_s: float = 2.2  # how long close() waits for the buffered audio to play out
+    fader: _Fader = field(default_factory=lambda: _Fader(480))
+    _gain_db: float = 0.0
+    _gain: float = 1.0
+    _muted: bool = False
+    _solo: bool = False
+    _done: threading.Event = field(default_factory=threading.Event)  # played out, or the receiver stopped
+    _tap_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def stats(self) -> ReceiverStats:
         return self.playout.stats
+
+    # ---- controls (any thread) ------------------------------------------------------------------------
+    @property
+    def gain_db(self) -> float:
+        """This sender's gain in the mix (dB; -120 or -inf: silent; at most +24)."""
+        return self._gain_db
+
+    @gain_db.setter
+    def gain_db(self, db: float) -> None:
+        self._gain = gain_from_db(db)
+        self._gain_db = float(db)
+
+    @property
+    def muted(self) -> bool:
+        return self._muted
+
+    @muted.setter
+    def muted(self, value: bool) -> None:
+        self._muted = bool(value)
+
+    @property
+    def solo(self) -> bool:
+        return self._solo
+
+    @solo.setter
+    def solo(self, value: bool) -> None:
+        self._solo = bool(value)
 
     # ---- StreamHandler (the transport's thread) -------------------------------------------------------
     def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int = 0) -> None:
@@ -88,7 +248,9 @@ class Session:
         self.playout.push(seq, capture_ns + self.clock_offset_ns, payload, capture_delay_ns)
         self.received += 1
         if self.tap is not None:
-            self.tap.push(seq, payload)
+            with self._tap_lock:
+                if self.tap is not None:
+                    self.tap.push(seq, payload)
 
     def clock(self, estimate: ClockEstimate) -> None:
         self.clock_offset_ns = estimate.offset_ns
@@ -97,11 +259,9 @@ class Session:
     def close(self) -> StreamTotals:
         """The sender closed (or vanished): play what arrived, then answer with the totals."""
         self.playout.end()
-        if self.tap is not None:
-            self.tap.close()
-            self.tap = None
+        self.set_tap(None)
         # Answer once the buffered audio has been played, so the summary counts all of it.
-        self.playout.finished.wait(timeout=self.drain_s)
+        self._done.wait(timeout=self.drain_s)
         st = self.playout.stats
         return StreamTotals(
             packets=st.packets,
@@ -113,56 +273,201 @@ class Session:
             frames_played=st.frames_played,
         )
 
+    def set_tap(self, tap: OpusTap | None) -> None:
+        """Starts (or with None, ends) recording this stream's packets; the old tap is closed."""
+        with self._tap_lock:
+            old, self.tap = self.tap, tap
+        if old is not None:
+            old.close()
+
+
+class _BurstClock:
+    """The playouts' clock: the receiver's, except on the thread pulling a large block in device-sized
+    pieces, where each piece reads ``back_ns`` earlier (see Receiver.fill)."""
+
+    def __init__(self, base: Clock) -> None:
+        self.base = base
+        self.back_ns = 0
+        self.thread = 0
+
+    def monotonic_ns(self) -> int:
+        t = self.base.monotonic_ns()
+        if self.back_ns and threading.get_ident() == self.thread:
+            return t - self.back_ns
+        return t
+
+    def wall_ns(self) -> int:
+        return self.base.wall_ns()
+
+
+class _Events:
+    """Subscribers and the thread that calls them, in the order events were emitted."""
+
+    def __init__(self) -> None:
+        self._subscribers: tuple[Callable[[ReceiverEvent], None], ...] = ()
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[ReceiverEvent | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def subscribe(self, callback: Callable[[ReceiverEvent], None]) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers = (*self._subscribers, callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                subs = list(self._subscribers)
+                if callback in subs:
+                    subs.remove(callback)
+                self._subscribers = tuple(subs)
+
+        return unsubscribe
+
+    def emit(self, event: ReceiverEvent) -> None:
+        """Any thread, the audio one included: a non-blocking put."""
+        self._queue.put(event)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tiality-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Delivers what was emitted so far, then ends the thread."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(None)
+        if thread is not threading.current_thread():  # a subscriber stopping the receiver
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            for callback in self._subscribers:
+                try:
+                    callback(event)
+                except Exception:  # one broken subscriber must not silence the others
+                    log.exception("tiality: event subscriber %r failed on %s", callback, event.kind)
+
 
 class Receiver:
-    """Listens for senders and plays what they send to ``sink``."""
+    """Listens for senders and plays what they send to ``sink`` (see the module doc).
 
-    def __init__(self, sink: Sink, config: ReceiverConfig | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.sink = sink
-        self.config = (config or ReceiverConfig()).validate()
+    ``sink``: an output URI (``sd://default``, ``file:x.wav``, ``null://``, ``app://``), any object with the
+    Sink protocol, or None for an output the application pulls itself through ``fill()``. ``server``: a
+    ``grpc.Server`` of the application's (the GUI's video server) to add the audio service to, instead of
+    serving on a port of the receiver's own.
+    """
+
+    def __init__(
+        self,
+        sink: Sink | str | None = None,
+        config: ReceiverConfig | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        server: object | None = None,
+    ) -> None:
+        self.config = cfg = (config or ReceiverConfig()).validate()
+        if server is not None and cfg.security.tls:
+            raise ConfigError("TLS on a shared gRPC server is the server's own: add a secure port to it")
+        self.sink = _resolve_sink(sink, cfg)
         self.clock = clock
-        self.sessions: tuple[Session, ...] = ()
+        self._burst_clock = _BurstClock(clock)  # the playouts' clock (see fill)
         self.finished: list[ReceiverStats] = []  # stats of ended streams, for the summary
         self.streams_started = 0
         self.streams_ended = 0
         self.port = 0
-        self.volume = 1.0
-        self.muted = False
+        self._sessions: tuple[Session, ...] = ()
+        self._playout_cfg = cfg.playout
+        self._shared_server = server
         self._server: AudioServer | None = None
+        self._service: AudioService | None = None
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._running = False
         self._lock = threading.Lock()  # guards session changes only, never the audio path
         self._changed = threading.Condition(self._lock)
-        self._acc = np.zeros((4096, 2), dtype=np.float32)
-        self._tmp = np.zeros((4096, 2), dtype=np.float32)
+        self._events = _Events()
         self._sink_started = False
         self._next_id = 1
-        self._rates = Rates()
+        self._rates = (RateMeter(), RateMeter())
+        # Mixer state (the sink's thread): controls are read once per block.
+        self._volume_db = 0.0
+        self._volume = 1.0
+        self._muted = False
+        self._out_rate = 48_000
+        self._chunk = 240  # the most a session is pulled at once (5 ms, as a device's period)
+        self._master = _Fader(480)
+        self._meter = 0.0  # output peak hold (1.0 = full scale)
+        self._alloc(4096, 2)
+        # The output timeline: mixer sample position -> monotonic time it was pulled (fitted from below).
+        self._pos = 0
+        self._fills = 0
+        self._timeline: deque[tuple[int, float]] = deque()
+        self._app_delay_ns: int | None = None
+        # Recording.
         self._wav_rec: WavRecorder | None = None
+        self._wav_pending: str | None = None
         self._opus_rec: OpusRecorder | None = None
-        rec = self.config.record
+        self._recording: str | None = None
+        rec = cfg.record
         if rec is not None and rec.lower().endswith(".opus"):
-            self._opus_rec = OpusRecorder(rec)
+            self._opus_rec = OpusRecorder(rec)  # fails now, before the port is bound
+            self._recording = rec
+        elif rec is not None:
+            self._wav_pending = self._recording = rec
+
+    def _alloc(self, n: int, channels: int) -> None:
+        self._acc = np.zeros((n, channels), dtype=np.float32)
+        self._tmp = np.zeros_like(self._acc)
+        self._s1 = np.zeros_like(self._acc)
+        self._s2 = np.zeros_like(self._acc)
+        self._i16 = np.zeros((n, channels), dtype=np.int16)
+        self._g = np.zeros(n, dtype=np.float32)
+        self._idx = np.arange(1, n + 1, dtype=np.float32)
 
     # ---- life cycle -----------------------------------------------------------------------------------
     def start(self) -> int:
-        """Binds the port (unless ``listen`` is off) and, for a sink with a fixed format (a device),
-        starts playing silence. Returns the bound port (0 without a server)."""
-        if self.config.listen:
-            from tiality_cli.net.server import AudioServer
+        """Binds the port (or joins the shared server) and, for a sink with a fixed format (a device, an
+        app-owned output), starts playing silence. Returns the bound port (0 without a server of its own)."""
+        if self._running:
+            return self.port
+        if self._stopping.is_set():
+            raise RuntimeError("a stopped Receiver cannot start again (its output is closed): make a new one")
+        now = self.clock.monotonic_ns()
+        self._rates = (RateMeter(now), RateMeter(now))
+        self._events.start()
+        try:
+            if self._shared_server is not None:
+                from tiality_cli.net.server import add_audio_service
 
-            self._server = AudioServer(
-                self.open_stream,
-                self.config.bind,
-                self.config.port,
-                max_streams=self.config.max_senders,
-                wall_ns=self.clock.wall_ns,
-                security=self.config.security,
-            )
-            self.port = self._server.port
-        if self.sink.format is not None:
-            self._start_sink(self.sink.format)
-        self._stopping.clear()
+                self._service = add_audio_service(
+                    self._shared_server,  # type: ignore[arg-type]  # a grpc.Server; grpc stays in net/
+                    self.open_stream,
+                    self.clock.wall_ns,
+                    self.config.security,
+                    self._refused,
+                )
+            elif self.config.listen:
+                from tiality_cli.net.server import AudioServer
+
+                self._server = AudioServer(
+                    self.open_stream,
+                    self.config.bind,
+                    self.config.port,
+                    max_streams=self.config.max_senders,
+                    wall_ns=self.clock.wall_ns,
+                    security=self.config.security,
+                    on_refused=self._refused,
+                )
+                self.port = self._server.port
+            self._running = True
+            if self.sink.format is not None:
+                self._start_sink(self.sink.format)
+        except BaseException:
+            self.stop()
+            raise
         self._watchdog = threading.Thread(target=self._watch, name="tiality-health", daemon=True)
         self._watchdog.start()
         return self.port
@@ -174,22 +479,48 @@ class Receiver:
         return err if isinstance(err, BaseException) else None
 
     def _watch(self) -> None:
-        """Keeps the gRPC health status in step with the audio output, once a second."""
+        """Keeps the gRPC health status in step with the audio output, and reports its failure once."""
+        reported: BaseException | None = None
+        tick = 0
         while True:
-            if self._server is not None:
-                self._server.set_serving(self.output_error is None)
-            if self._stopping.wait(1.0):
+            err = self.output_error
+            if err is not None and err is not reported:
+                reported = err
+                self._emit("output_error", detail=str(err) or type(err).__name__)
+            if self._server is not None and tick % 4 == 0:
+                self._server.set_serving(err is None)
+            tick += 1
+            if self._stopping.wait(0.25):
                 return
 
     def stop(self) -> None:
+        """Stops serving, ends every stream, the output and the recording; joins every thread it started."""
         self._stopping.set()
+        with self._lock:
+            live = self._sessions
+        for s in live:
+            s._done.set()  # their close() answers at once: nothing will play them any more
+        if self._service is not None:
+            self._service.close(timeout_s=3.0)
+            self._service = None
         if self._server is not None:
             self._server.stop(grace_s=0.5, timeout_s=3.0)
             self._server = None
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
+        self._running = False
         self.sink.close()
-        if self._wav_rec is not None:
-            self._wav_rec.close()
-            self._wav_rec = None
+        with self._lock:
+            for s in self._sessions:
+                self.finished.append(s.stats)
+                self.streams_ended += 1
+                self._emit("stream_ended", s, detail="receiver stopped")
+                s.set_tap(None)
+            self._sessions = ()
+            self._changed.notify_all()
+        self.stop_recording()
+        self._events.stop()
 
     def __enter__(self) -> Receiver:
         self.start()
@@ -204,54 +535,231 @@ class Receiver:
         if self.sink.format is None:
             self.sink.open(fmt)
         out = self.sink.format or fmt
-        self._acc = np.zeros((max(4096, out.frame_samples), out.channels), dtype=np.float32)
-        self._tmp = np.zeros_like(self._acc)
-        rec = self.config.record
-        if rec is not None and rec.lower().endswith(".wav"):
-            self._wav_rec = WavRecorder(rec, out)
+        self._out_rate = out.sample_rate
+        self._chunk = out.sample_rate * BLOCK_US // 1_000_000
+        ramp = round(self.config.ramp_ms * out.sample_rate / 1000)
+        self._master = _Fader(ramp, self._master.gain)
+        self._alloc(max(4096, out.frame_samples), out.channels)
+        if self._wav_pending is not None:
+            self._wav_rec = WavRecorder(self._wav_pending, out)
+            self._wav_pending = None
         self.sink.start(self.fill)
         self._sink_started = True
 
+    # ---- controls (any thread) ------------------------------------------------------------------------
+    @property
+    def volume_db(self) -> float:
+        """The output volume in dB (-120 or -inf: silent; at most +24); changes are ramped."""
+        return self._volume_db
+
+    @volume_db.setter
+    def volume_db(self, db: float) -> None:
+        self._volume = gain_from_db(db, "volume")
+        self._volume_db = float(db)
+
+    @property
+    def muted(self) -> bool:
+        return self._muted
+
+    @muted.setter
+    def muted(self, value: bool) -> None:
+        self._muted = bool(value)
+
+    def sessions(self) -> tuple[Session, ...]:
+        """The connected senders, oldest first (a snapshot: it does not change when senders come or go)."""
+        return self._sessions
+
+    def session(self, session_id: int) -> Session | None:
+        for s in self._sessions:
+            if s.id == session_id:
+                return s
+        return None
+
+    def subscribe(self, callback: Callable[[ReceiverEvent], None]) -> Callable[[], None]:
+        """Calls ``callback(event)`` for every event, in order, from the receiver's event thread (never the
+        audio or network threads; a GUI hands it to its own loop). Returns the function that unsubscribes."""
+        return self._events.subscribe(callback)
+
+    @property
+    def latency_ms(self) -> float | None:
+        """The fixed target latency, or None for auto (following the jitter)."""
+        return self._playout_cfg.latency_ms
+
+    def set_latency(self, ms: float | None) -> None:
+        """Fixes the target latency (ms), or None for auto; live streams follow at their next block."""
+        self._set_policy(replace(self._playout_cfg, latency_ms=ms))
+
+    @property
+    def max_latency_ms(self) -> float:
+        return self._playout_cfg.max_latency_ms
+
+    @max_latency_ms.setter
+    def max_latency_ms(self, ms: float) -> None:
+        self._set_policy(replace(self._playout_cfg, max_latency_ms=ms))
+
+    def _set_policy(self, cfg: PlayoutConfig) -> None:
+        self._playout_cfg = cfg.validate()
+        for s in self._sessions:
+            s.playout.set_policy(cfg.latency_ms, cfg.max_latency_ms)
+
+    @property
+    def recording(self) -> str | None:
+        """The path being recorded to, or None."""
+        return self._recording
+
+    def start_recording(self, path: str) -> None:
+        """Records what plays (PATH.wav) or the packets of every stream as received (PATH.opus, then
+        PATH-2.opus... per stream); a recording already running is finished first."""
+        check_record_path(path)
+        opus = OpusRecorder(path) if path.lower().endswith(".opus") else None
+        self.stop_recording()
+        if opus is not None:
+            self._opus_rec = opus
+            for s in self._sessions:
+                s.set_tap(opus.open_stream(s.format, s.algorithm_delay))
+        elif self._sink_started and self.sink.format is not None:
+            self._wav_rec = WavRecorder(path, self.sink.format)
+        else:
+            self._wav_pending = path  # the format is the first stream's: opened with the output
+        self._recording = path
+
+    def stop_recording(self) -> str | None:
+        """Finishes the recording (the files are complete when this returns); returns its path."""
+        path, self._recording = self._recording, None
+        self._wav_pending = None
+        wav, self._wav_rec = self._wav_rec, None
+        if wav is not None:
+            wav.close()
+        if self._opus_rec is not None:
+            self._opus_rec = None
+            for s in self._sessions:
+                s.set_tap(None)
+        return path
+
     # ---- the sink's clock -----------------------------------------------------------------------------
-    def fill(self, out: npt.NDArray[np.int16]) -> bool:
-        """Sink callback: mixes every session into ``out`` (int16, n x channels). Never blocks."""
-        sessions = self.sessions
+    def fill(self, out: I16 | F32, delay_ns: int | None = None) -> bool:
+        """Mixes every session into ``out`` (n x channels, int16 or float32 in [-1, 1]); never blocks.
+
+        The sink's callback, or an application's own audio callback (any block size). ``delay_ns``: how
+        long until this block's first sample reaches the DAC, when the caller knows (for play_time_ns).
+        Returns False when no stream audio was written (``out`` is silence).
+        """
         n = len(out)
-        if not sessions:
+        if delay_ns is not None:
+            self._app_delay_ns = delay_ns
+        if not self._running or n == 0:
             out[:] = 0
             return False
-        if n > len(self._acc):  # a device asking for an unusually large block: grow once
-            self._acc = np.zeros((n, out.shape[1]), dtype=np.float32)
-            self._tmp = np.zeros_like(self._acc)
-        acc = self._acc[:n]
-        delay = int(getattr(self.sink, "delay_ns", 0))  # this block's time to the DAC, for latency_ms
-        playing = sessions[0].playout.pull(acc, delay)
-        done = sessions[0].playout.state == State.FINISHED
-        if len(sessions) > 1:
-            tmp = self._tmp[:n]
-            for s in sessions[1:]:
-                if s.playout.pull(tmp, delay):
-                    playing = True
+        if out.ndim != 2 or out.shape[1] != self._acc.shape[1]:
+            raise ValueError(f"fill: expected an (n, {self._acc.shape[1]}) buffer, got {out.shape}")
+        self._track_timeline(n)
+        sessions = self._sessions
+        if n > len(self._acc):  # an unusually large block: grow once
+            self._alloc(n, out.shape[1])
+        acc, g, idx = self._acc[:n], self._g, self._idx
+        playing = False
+        done = False
+        if sessions:
+            solo = False
+            for s in sessions:
+                if s._solo:
+                    solo = True
+                    break
+            tmp, chunk = self._tmp[:n], self._chunk
+            delay = int(getattr(self.sink, "delay_ns", 0))  # this block's time to the DAC, for latency
+            for i, s in enumerate(sessions):
+                buf = acc if i == 0 else tmp
+                if n <= chunk:
+                    playing = s.playout.pull(buf, delay) or playing
+                else:
+                    playing = self._pull_burst(s.playout, buf, chunk, delay) or playing
+                heard = not s._muted and (s._solo or not solo)
+                s.fader.apply(buf, s._gain if heard else 0.0, g, idx)
+                if i:
                     acc += tmp
                 done = done or s.playout.state == State.FINISHED
+        else:
+            acc[:] = 0
         if done:
             self._retire()
-        to_int16(acc, out, 0.0 if self.muted else self.volume)
+        self._master.apply(acc, 0.0 if self._muted else self._volume, g, idx)
+        soft_limit(acc, self._s1[:n], self._s2[:n])
+        peak = max(float(acc.max()), -float(acc.min()))
+        self._meter = max(peak, self._meter * 10 ** (-METER_FALL_DB_PER_S * n / self._out_rate / 20))
+        if out.dtype == np.float32:
+            out[:] = acc
+            pcm = self._i16[:n]
+            if playing and self._wav_rec is not None:
+                self._to_int16(acc, pcm)
+        else:
+            pcm = cast(I16, out)
+            self._to_int16(acc, pcm)
         if playing and self._wav_rec is not None:
-            self._wav_rec.push(out)
+            self._wav_rec.push(pcm)
+        self._fills += 1
         return playing
+
+    def _pull_burst(self, playout: StreamPlayout, buf: F32, chunk: int, delay_ns: int) -> bool:
+        """Pulls a large block as a burst of device-sized pulls, each stamped with the time its samples
+        would have been pulled by a device ending its last pull now (the timeline the playout fits to its
+        pulls anyway): its latency control then sees a steady device from the first block on."""
+        bc, n = self._burst_clock, len(buf)
+        last = (n - 1) // chunk * chunk
+        bc.thread = threading.get_ident()
+        playing = False
+        for a in range(0, n, chunk):
+            bc.back_ns = (last - a) * 1_000_000_000 // self._out_rate
+            ahead = delay_ns + a * 1_000_000_000 // self._out_rate  # this piece's time to the DAC
+            playing = playout.pull(buf[a : a + chunk], ahead) or playing
+        bc.back_ns = 0
+        return playing
+
+    @staticmethod
+    def _to_int16(acc: F32, out: I16) -> None:
+        np.multiply(acc, 32768.0, out=acc)
+        np.rint(acc, out=acc)
+        np.clip(acc, -32768, 32767, out=acc)
+        out[:] = acc
+
+    def _track_timeline(self, n: int) -> None:
+        """Fits the output's sample clock from below: a late callback does not move it (for A/V sync)."""
+        pos, q = self._pos, self._timeline
+        x = self.clock.monotonic_ns() - pos * 1e9 / self._out_rate
+        while q and q[-1][1] >= x:
+            q.pop()
+        q.append((pos, x))
+        while q[0][0] < pos - TIMELINE_WINDOW_S * self._out_rate:
+            q.popleft()
+        self._pos = pos + n
 
     def _retire(self) -> None:
         with self._lock:
             keep = []
-            for s in self.sessions:
+            for s in self._sessions:
                 if s.playout.state == State.FINISHED:
                     self.finished.append(s.stats)
                     self.streams_ended += 1
+                    s._done.set()
+                    self._emit("stream_ended", s, detail="ended")
                 else:
                     keep.append(s)
-            self.sessions = tuple(keep)
+            self._sessions = tuple(keep)
             self._changed.notify_all()
+
+    def _emit(self, kind: str, s: Session | None = None, *, peer: str = "", detail: str = "") -> None:
+        self._events.emit(
+            ReceiverEvent(
+                kind,
+                s.id if s else 0,
+                self.clock.wall_ns(),
+                s.peer if s else peer,
+                s.name if s else "",
+                detail,
+            )
+        )
+
+    def _refused(self, peer: str, reason: str) -> None:
+        self._emit("sender_refused", peer=peer, detail=reason)
 
     # ---- the transport's side -----------------------------------------------------------------------
     def open_stream(self, peer: str, info: StreamInfo) -> Session:
@@ -259,39 +767,78 @@ class Receiver:
         fmt = info.format
         with self._lock:
             n = self.config.max_senders
-            if len(self.sessions) >= n:
+            if self._stopping.is_set():
+                raise BusyError("receiver stopping")
+            if len(self._sessions) >= n:
                 raise BusyError(
                     f"receiver busy: it takes {n} sender{'s' if n != 1 else ''} at a time (--max-senders)"
                 )
             if not self._sink_started:
-                self._start_sink(fmt)
+                self._start_sink(self.config.output_format or fmt)
             out = self.sink.format or fmt
+            cfg = self._playout_cfg
             playout = StreamPlayout(
-                fmt,
-                out,
-                self.config.playout,
-                self.clock,
-                fec=info.fec,
-                lookahead_samples=info.algorithm_delay,
+                fmt, out, cfg, self._burst_clock, fec=info.fec, lookahead_samples=info.algorithm_delay
             )
+            now = self.clock.monotonic_ns()
+            soloed = any(s.solo for s in self._sessions)  # then a new sender starts silent, not with a blip
             s = Session(
                 id=self._next_id,
                 peer=peer,
                 name=info.name,
                 format=fmt,
                 playout=playout,
-                started_ns=self.clock.monotonic_ns(),
+                started_ns=now,
                 algorithm_delay=info.algorithm_delay,
+                rates=(RateMeter(now), RateMeter(now)),
                 tap=self._opus_rec.open_stream(fmt, info.algorithm_delay) if self._opus_rec else None,
-                drain_s=self.config.playout.max_latency_ms / 1000 + 2.0,
+                drain_s=cfg.max_latency_ms / 1000 + 2.0,
+                fader=_Fader(round(self.config.ramp_ms * out.sample_rate / 1000), 0.0 if soloed else 1.0),
             )
             self._next_id += 1
             self.streams_started += 1
-            self.sessions = (*self.sessions, s)
+            self._sessions = (*self._sessions, s)
+            self._emit("stream_started", s, detail=fmt.describe())
             self._changed.notify_all()
             return s
 
     # ---- for presenters -------------------------------------------------------------------------------
+    def play_time_ns(self, session_id: int, capture_time_ns: int) -> int | None:
+        """The receiver wall-clock time (ns) at which the sample captured at ``capture_time_ns`` (the sender's
+        wall clock, as a video frame from the same host is stamped) reaches the DAC.
+
+        From the sender's clock-offset estimate, the playout's mapping of capture times to output samples,
+        the encoder's look-ahead, the output's timeline and its device delay. None while that sender has
+        played nothing yet, or is gone. A capture time whose audio has not arrived yet maps to where it will
+        play if the playout neither skips nor inserts meanwhile.
+        """
+        s = self.session(session_id)
+        if s is None:
+            return None
+        for _ in range(8):  # the sink's thread may pull meanwhile: retry until a consistent reading
+            fills = self._fills
+            try:
+                origin = self._timeline[0][1]
+            except IndexError:
+                return None
+            pos = self._pos
+            ahead = s.playout.capture_to_output_ns(capture_time_ns + s.clock_offset_ns)
+            if fills == self._fills:
+                break
+        if ahead is None:
+            return None
+        delay = self._app_delay_ns
+        if delay is None:
+            delay = int(getattr(self.sink, "delay_ns", 0) or 0)
+        codec_ns = s.algorithm_delay * 1_000_000_000 // s.format.sample_rate
+        mono = origin + pos * 1e9 / self._out_rate + ahead + codec_ns + delay
+        return round(mono) + self.clock.wall_ns() - self.clock.monotonic_ns()
+
+    @property
+    def output_level_dbfs(self) -> float:
+        """The output's peak level after volume and limiter, held and falling 20 dB/s (a GUI's meter)."""
+        return dbfs(self._meter * 32768.0)
+
     def wait_for(self, *, streams_ended: int, timeout: float | None = None) -> bool:
         """Blocks until at least ``streams_ended`` streams have finished playing."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -305,19 +852,19 @@ class Receiver:
 
     def all_stats(self) -> list[ReceiverStats]:
         with self._lock:
-            return [*self.finished, *(s.stats for s in self.sessions)]
+            return [*self.finished, *(s.stats for s in self._sessions)]
 
     def snapshot(self) -> StatsSnapshot:
         """Totals over every stream so far; windowed figures from the live ones (or the last one)."""
         stats = self.all_stats()
-        live = [s.stats for s in self.sessions] or stats[-1:]
-        return self._summarise(stats, live, self._rates, streams=len(self.sessions))
+        live = [s.stats for s in self._sessions] or stats[-1:]
+        return self._summarise(stats, live, self._rates, streams=len(self._sessions))
 
     def session_views(self) -> list[SessionView]:
         """One entry per connected sender, for per-sender rows in a live view or a GUI."""
         now = self.clock.monotonic_ns()
         views = []
-        for s in self.sessions:
+        for s in self._sessions:
             snap = self._summarise([s.stats], [s.stats], s.rates, streams=1)
             views.append(
                 SessionView(
@@ -330,6 +877,9 @@ class Receiver:
                     clock_offset_ms=s.clock_offset_ns / 1e6,
                     clock_round_trip_ms=s.clock_round_trip_ns / 1e6,
                     stats=snap,
+                    gain_db=s.gain_db,
+                    muted=s.muted,
+                    solo=s.solo,
                 )
             )
         return views
@@ -338,7 +888,7 @@ class Receiver:
         self,
         stats: list[ReceiverStats],
         live: list[ReceiverStats],
-        rates: Rates,
+        rates: tuple[RateMeter, RateMeter],
         streams: int,
     ) -> StatsSnapshot:
         now = self.clock.monotonic_ns()
@@ -346,7 +896,8 @@ class Receiver:
         lat = np.concatenate([s.latency_ms.values() for s in live]) if live else np.zeros(0)
         peak = max((s.peak for s in live), default=0.0)
         rms = max((s.rms for s in live), default=0.0)
-        packets_per_s, kbps = rates.update(now / 1e9, total["packets"], total["bytes"])
+        kbps = rates[0].rate(total["bytes"], now) * 8 / 1000
+        packets_per_s = rates[1].rate(total["packets"], now)
         return StatsSnapshot(
             packets=total["packets"],
             bytes=total["bytes"],
@@ -378,6 +929,16 @@ class Receiver:
         )
 
 
+def _resolve_sink(sink: Sink | str | None, cfg: ReceiverConfig) -> Sink:
+    if sink is None:
+        return AppSink(cfg.output_format or AudioFormat())
+    if isinstance(sink, str):
+        from tiality_cli.io.sinks import open_sink
+
+        return open_sink(sink, cfg.output_format)
+    return sink
+
+
 @dataclass(frozen=True, slots=True)
 class SessionView:
     """A connected sender as a presenter sees it."""
@@ -391,6 +952,9 @@ class SessionView:
     clock_offset_ms: float  # receiver clock - sender clock
     clock_round_trip_ms: float
     stats: StatsSnapshot
+    gain_db: float = 0.0  # the mixer's controls for this sender
+    muted: bool = False
+    solo: bool = False
 
 
 _COUNTERS = (
@@ -414,4 +978,3 @@ def _median(live: list[ReceiverStats], name: str) -> float:
     """The median of one latency stage over the live streams' recent frames (nan before the first)."""
     values = np.concatenate([getattr(s, name).values() for s in live]) if live else np.zeros(0)
     return float(np.median(values)) if len(values) else math.nan
-

@@ -2,11 +2,13 @@
 
 Usable from the robot's own code without the CLI::
 
-    src = open_source("alsa://hw:1,0", AudioFormat())
-    result = Sender(src, SenderConfig(endpoint=parse_endpoint("gui-host:50052"))).run()
+    with Sender("alsa://hw:1,0", SenderConfig("gui-host:50052")) as tx:   # start(): returns at once
+        ...                                                               # tx.snapshot() for figures
+    result = Sender(source, SenderConfig(endpoint)).run()                 # or block until it ends
 
 Two threads: the capture thread reads the source (the sound card's clock paces it), encodes each frame
 and appends it to the backlog; the link's thread (gRPC's request iterator) takes packets from it.
+``start()`` runs the whole of ``run()`` on a thread of its own; ``stop()`` ends it and joins them all.
 When the network blocks, capture carries on and the oldest packets are dropped once the backlog exceeds
 ``max_backlog_ms`` (counted): audio never piles up into latency.
 """
@@ -25,11 +27,11 @@ import numpy as np
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.clocksync import ClockFilter
 from tiality_cli.codec import OpusEncoder
-from tiality_cli.config import ClientSecurity, CodecConfig, Endpoint
+from tiality_cli.config import AudioFormat, ClientSecurity, CodecConfig, Endpoint, parse_endpoint
 from tiality_cli.errors import AuthError, ConfigError, ConnectError, RejectedError
-from tiality_cli.io.base import Source
+from tiality_cli.io.base import CaptureOptions, Source
 from tiality_cli.link import ClockEstimate, Connector, Link, Outgoing, Packet, StreamInfo, StreamTotals
-from tiality_cli.stats import dbfs, frame_levels
+from tiality_cli.stats import RateMeter, dbfs, frame_levels
 
 BACKOFF_FIRST_S = 0.1  # first retry after an outage
 BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about half a second
@@ -37,7 +39,7 @@ BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about h
 
 @dataclass(frozen=True, slots=True)
 class SenderConfig:
-    endpoint: Endpoint
+    endpoint: Endpoint | str  # the receiver: an Endpoint or "HOST:PORT" (parsed here; ConfigError if bad)
     codec: CodecConfig = field(default_factory=CodecConfig)
     max_backlog_ms: float = (
         200.0  # older audio is dropped beyond this; keeps latency bounded on a blocked link
@@ -49,6 +51,18 @@ class SenderConfig:
     clock_sync_every_s: float = 10.0  # re-estimate this often (clocks drift; NTP may step them)
     reconnect: bool = True  # keep trying when the receiver is down or the link breaks (--once: False)
     security: ClientSecurity = field(default_factory=ClientSecurity)
+    format: AudioFormat | None = None  # for a source given as a URI (default 48 kHz stereo, 20 ms)
+    capture: CaptureOptions | None = None  # for a device given as a URI: channels opened, map, downmix
+
+    def __post_init__(self) -> None:
+        if isinstance(self.endpoint, str):
+            object.__setattr__(self, "endpoint", parse_endpoint(self.endpoint))
+
+    @property
+    def address(self) -> Endpoint:
+        """The receiver's endpoint (``endpoint``, parsed)."""
+        assert isinstance(self.endpoint, Endpoint)  # __post_init__ parsed a string
+        return self.endpoint
 
     def validate(self) -> SenderConfig:
         """Raises ConfigError naming the option, for library callers as for the CLI."""
@@ -93,6 +107,29 @@ class StateChange:
 StateListener = Callable[[StateChange], None]
 
 
+@dataclass(frozen=True, slots=True)
+class SenderSnapshot:
+    """The sender's figures at one moment (``Sender.snapshot()``); rates are over the last 2 s."""
+
+    state: str  # starting, connecting, streaming, reconnecting, done, failed
+    frames_captured: int
+    packets_sent: int
+    bytes_sent: int
+    packets_per_s: float
+    bitrate_kbps: float
+    backlog_ms: float
+    backlog_peak_ms: float
+    dropped: int  # packets dropped from the backlog while the network could not keep up
+    overruns: int
+    capture_dropped_ms: float
+    level_dbfs: float
+    peak_dbfs: float
+    rtt_ms: float | None  # round trip of the best clock exchange (None before one)
+    clock_offset_ms: float | None  # receiver clock - sender clock
+    reconnects: int
+    last_error: str
+
+
 class SenderStats:
     """Live counters (written by the capture and network threads; read by presenters)."""
 
@@ -121,17 +158,25 @@ class SenderStats:
 
 
 class Sender:
-    """Streams one source to one receiver; ``run()`` blocks until the stream ends."""
+    """Streams one source to one receiver: ``start()``/``stop()`` (or ``with``), or ``run()`` to block.
+
+    ``source``: an input URI (``alsa://hw:1,0``, ``tone://440``, ``file:x.wav``...) opened with
+    ``config.format`` and ``config.capture``, or any object with the Source protocol.
+    """
 
     def __init__(
         self,
-        source: Source,
+        source: Source | str,
         config: SenderConfig,
         clock: Clock = SYSTEM_CLOCK,
         connector: Connector | None = None,
     ) -> None:
-        self.source = source
         self.config = config.validate()
+        if isinstance(source, str):
+            from tiality_cli.io.sources import open_source
+
+            source = open_source(source, config.format or AudioFormat(), config.capture, clock)
+        self.source = source
         self._connect = connector or self._grpc_link
         self.clock = clock
         self.format = source.format
@@ -144,12 +189,20 @@ class Sender:
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
         self._capture_thread: threading.Thread | None = None
+        self._capture_lock = threading.Lock()
         self.clock_filter = ClockFilter()
         self._clock_pending: ClockEstimate | None = None
         self._next_seq = 0  # the sequence number of the next frame captured
         # Called on the sender's threads at each state change (a few times per connection, never per
         # packet); it must return quickly. The CLI logs them; a GUI can show them.
         self.on_state: StateListener | None = None
+        self._link: Link | None = None  # the connection being made or used (stop() closes it)
+        self._streaming = False
+        self._thread: threading.Thread | None = None
+        self.result: SendResult | None = None  # once start()ed and ended: the totals, or
+        self.error: BaseException | None = None  # ... why it failed
+        now = clock.monotonic_ns()
+        self._rates = (RateMeter(now), RateMeter(now))
 
     def _set_state(self, state: str, reason: str = "") -> None:
         st = self.stats
@@ -158,18 +211,97 @@ class Sender:
         st.state = state
         listener = self.on_state
         if listener is not None:
-            listener(StateChange(state, reason, st.attempt, self.config.endpoint.target))
+            listener(StateChange(state, reason, st.attempt, self.config.address.target))
 
     def _grpc_link(self) -> Link:
         from tiality_cli.net.client import GrpcLink
 
-        return GrpcLink(self.config.endpoint, self.config.security)
+        return GrpcLink(self.config.address, self.config.security)
 
-    def stop(self) -> None:
-        """Ends the stream cleanly: what is captured so far is sent, then the stream closes."""
+    # ---- life cycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Runs the sender on a thread of its own and returns at once; ``result``/``error`` when it ends."""
+        if self._thread is not None:
+            if self._thread.is_alive():
+                return
+            raise RuntimeError("a Sender runs once (its source is closed): make a new one")
+        self._thread = threading.Thread(target=self._run_thread, name="tiality-send", daemon=True)
+        self._thread.start()
+
+    def _run_thread(self) -> None:
+        try:
+            self.result = self.run()
+        except BaseException as exc:
+            self.error = exc
+
+    @property
+    def running(self) -> bool:
+        """True from start() until the stream has ended (or failed)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> SendResult | None:
+        """Waits for a start()ed sender to end; returns its totals (None on timeout), re-raises its error."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return None
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self, timeout: float = 5.0, *, wait: bool = True) -> None:
+        """Ends the stream cleanly: what is captured so far is sent, the receiver answers, the stream closes.
+
+        Returns once every thread the sender started has ended (``wait``): normally as soon as the
+        receiver has played its buffer; after ``timeout`` s the connection is cut instead. Stopping while
+        connecting or reconnecting ends at once and quietly (no error). ``wait=False`` only asks.
+        """
         self._stop.set()
         self.source.close()
         self._ready.set()
+        link = self._link
+        if link is not None and not self._streaming:
+            link.close()  # wakes a wait_ready() in progress
+        if not wait or self._thread is None or self._thread is threading.current_thread():
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            link = self._link
+            if link is not None:
+                link.close()  # cancels a stream the receiver does not answer
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Sender:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def snapshot(self) -> SenderSnapshot:
+        """The figures now (any thread; readers do not disturb each other's rates)."""
+        st, fmt = self.stats, self.format
+        now = self.clock.monotonic_ns()
+        best = self.clock_filter.best()
+        return SenderSnapshot(
+            state=st.state,
+            frames_captured=st.frames_captured,
+            packets_sent=st.packets_sent,
+            bytes_sent=st.bytes_sent,
+            packets_per_s=self._rates[0].rate(st.packets_sent, now),
+            bitrate_kbps=self._rates[1].rate(st.bytes_sent, now) * 8 / 1000,
+            backlog_ms=st.backlog * fmt.frame_ms,
+            backlog_peak_ms=st.backlog_peak * fmt.frame_ms,
+            dropped=st.dropped,
+            overruns=self.source.overruns,
+            capture_dropped_ms=st.capture_dropped_ms,
+            level_dbfs=st.level_dbfs,
+            peak_dbfs=st.peak_dbfs,
+            rtt_ms=None if best is None else best.round_trip_ns / 1e6,
+            clock_offset_ms=None if best is None else best.offset_ns / 1e6,
+            reconnects=st.reconnects,
+            last_error=st.last_error,
+        )
 
     # ---- capture thread -------------------------------------------------------------------------------
     def _capture(self) -> None:
@@ -216,11 +348,16 @@ class Sender:
         fmt, st, cfg = self.format, self.stats, self.config
         # Capture starts when the link starts pulling this iterator, i.e. once the call is open: audio
         # captured while connecting would reach the receiver as a burst of already-old packets.
-        if self._capture_thread is None:
-            self.source.open()
-            self._capture_thread = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
-            self._capture_thread.start()
-        else:
+        with self._capture_lock:  # run() may be ending on another thread (the stream refused at once)
+            if self._stop.is_set():
+                return
+            fresh = self._capture_thread is None
+            if fresh:
+                self.source.open()
+                t = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
+                t.start()
+                self._capture_thread = t
+        if not fresh:
             # A new stream after an outage: what waited in the backlog is stale; start from the newest.
             while len(self._backlog) > 1:
                 self._backlog.popleft()
@@ -275,6 +412,9 @@ class Sender:
                     self._set_state("failed", str(exc))
                     raise
                 except ConnectError as exc:
+                    if self._stop.is_set():
+                        summary = StreamTotals()  # stopped while connecting (or cut off): end quietly
+                        break
                     st.attempt += 1
                     st.last_error = str(exc)
                     if not self.config.reconnect or self._stop.is_set() or self._captured_all.is_set():
@@ -282,7 +422,8 @@ class Sender:
                         raise
                     self._set_state("reconnecting", str(exc))
                     if self._stop.wait(delay * random.uniform(0.8, 1.2)):
-                        raise
+                        summary = StreamTotals()  # stopped while waiting to reconnect: end quietly
+                        break
                     delay = min(BACKOFF_MAX_S, delay * 2)
                     st.reconnects += 1
             if self._capture_error is not None:
@@ -302,28 +443,43 @@ class Sender:
             )
         finally:
             self.stop()
-            if self._capture_thread is not None:
-                self._capture_thread.join(timeout=2.0)
+            with self._capture_lock:  # no capture thread starts after this
+                capture = self._capture_thread
+            if capture is not None:
+                capture.join(timeout=2.0)
             self.source.close()
 
     def _stream_once(self) -> StreamTotals:
         """One connection and one stream; raises a TialityError when either fails."""
         st = self.stats
-        link = self._connect()
+        if self._stop.is_set():
+            raise ConnectError("stopped")
+        link = self._link = self._connect()
         done = threading.Event()
+        clock_thread = None
         try:
+            if self._stop.is_set():
+                raise ConnectError("stopped")
             if st.state == "starting":
                 self._set_state("connecting")  # later attempts stay "reconnecting", with the last reason
             link.wait_ready(self.config.connect_timeout_s)
             if self.config.clock_sync:
                 self._probe_clock(link, 8)
-                threading.Thread(
+                clock_thread = threading.Thread(
                     target=self._clock_loop, args=(link, done), name="tiality-clock", daemon=True
-                ).start()
+                )
+                clock_thread.start()
+            if self._stop.is_set():
+                raise ConnectError("stopped")
+            self._streaming = True
             return link.stream(self._messages())
         finally:
+            self._streaming = False
             done.set()
             link.close()
+            self._link = None
+            if clock_thread is not None:
+                clock_thread.join()
 
     def _probe_clock(self, link: Link, exchanges: int) -> None:
         """A few NTP-style exchanges; the best one becomes the estimate sent in-band."""

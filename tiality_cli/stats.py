@@ -16,6 +16,7 @@ The one home of the level and rate arithmetic every command shows:
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -247,3 +248,30 @@ class Rates:
         if dt <= 0:
             return 0.0, 0.0
         return (packets - p0) / dt, (nbytes - b0) * 8 / 1000 / dt
+
+
+class RateMeter:
+    """A cumulative counter as a per-second rate over the last ``window_s``, for any number of readers.
+
+    Each reading records (time, value) at most every ``resolution_s`` and answers with the rate since the
+    oldest sample still inside the window (or just before it): readers polling at 20 ms and at 1 s see the
+    same figure, where a meter that measured "since my last call" would give each the other's interval.
+    ``start_ns`` seeds a zero reading, so the first rate counts from when the counter started.
+    """
+
+    def __init__(self, start_ns: int = 0, window_s: float = 2.0, resolution_s: float = 0.1) -> None:
+        self._window = int(window_s * 1e9)
+        self._resolution = int(resolution_s * 1e9)
+        self._q: deque[tuple[int, int]] = deque([(start_ns, 0)] if start_ns else [])
+        self._lock = threading.Lock()
+
+    def rate(self, value: int, now_ns: int) -> float:
+        with self._lock:
+            q = self._q
+            if not q or now_ns - q[-1][0] >= self._resolution:
+                q.append((now_ns, value))
+            while len(q) > 2 and q[1][0] <= now_ns - self._window:
+                q.popleft()
+            t0, v0 = q[0]
+            dt = now_ns - t0
+            return (value - v0) * 1e9 / dt if dt > 0 else 0.0

@@ -7,8 +7,7 @@ Heavy modules (grpc, numpy, sounddevice, alsaaudio, opuslib) are imported inside
 from __future__ import annotations
 
 import os
-import threading
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -293,6 +292,8 @@ def recv(
 
         parse_port(str(port), "--port")
         uri = output or _default_output()
+        if uri.startswith("app://"):
+            raise ConfigError("-o app://: for programs that pull the audio themselves (Receiver.fill)")
         target = _parse_latency(latency)
         playout = PlayoutConfig(latency_ms=target, max_latency_ms=max_latency)
         if uri.startswith("file:"):
@@ -392,32 +393,21 @@ def demo(
                     markup=False,
                     highlight=False,
                 )
-            outcome: dict[str, Any] = {}
-
-            def work() -> None:
-                try:
-                    outcome["result"] = sender.run()
-                    receiver.wait_for(streams_ended=1, timeout=5.0)
-                except BaseException as exc:
-                    outcome["error"] = exc
-
-            thread = threading.Thread(target=work, name="tiality-demo", daemon=True)
             with stop_on_signals() as stop:
-                thread.start()
+                sender.start()
                 present(
-                    lambda: not thread.is_alive(),
+                    lambda: not sender.running,
                     stop,
-                    on_stop=sender.stop,
+                    on_stop=lambda: sender.stop(wait=False),
                     table=lambda: receiver_table(receiver.snapshot(), title="tiality demo"),
                     line=lambda: json_line(receiver.snapshot().as_dict()) if json_ else None,
                     json_=json_,
                     quiet=False,
                 )
-            thread.join()
+            sender.wait()  # re-raises what stopped it
+            receiver.wait_for(streams_ended=1, timeout=5.0)
         finally:
             receiver.stop()
-        if "error" in outcome:
-            raise outcome["error"]
         snap = receiver.snapshot()
         played = sink.frames_written / (sink.format.sample_rate if sink.format else 48_000)
         if json_:

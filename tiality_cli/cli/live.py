@@ -45,7 +45,7 @@ from tiality_cli.cli.view import (
 from tiality_cli.io.base import ClockedSink
 from tiality_cli.receiver import Receiver
 from tiality_cli.sender import Sender, StateChange
-from tiality_cli.stats import Rates, StatsSnapshot, gain_db
+from tiality_cli.stats import Rates, StatsSnapshot
 
 REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
 LOG_EVERY_S = 5.0  # plain log lines when stdout is not a terminal
@@ -244,7 +244,7 @@ def sender_fields(sender: Sender, rates: Rates, now_s: float) -> dict[str, Any]:
     return {
         "state": st.state,
         "source": sender.source.name,
-        "target": sender.config.endpoint.target,
+        "target": sender.config.address.target,
         "format": fmt.describe(),
         "frames_captured": st.frames_captured,
         "packets_sent": st.packets_sent,
@@ -329,18 +329,9 @@ class StateLog:
 
 
 def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: bool) -> None:
-    """Runs the sender on a thread and presents its figures until it ends; re-raises its error."""
-
-    outcome: dict[str, Any] = {}
+    """Starts the sender and presents its figures until it ends; re-raises its error."""
     log = StateLog()
     sender.on_state = log.add
-
-    def work() -> None:
-        try:
-            outcome["result"] = sender.run()
-        except BaseException as exc:
-            outcome["error"] = exc
-
     rates = Rates(RATE_SPAN_S)
     rates.update(time.monotonic(), 0, 0)  # so the first line's rates count from the start
     monitor = SendMonitor(sender.config.max_backlog_ms, keys=keys_available())
@@ -348,22 +339,19 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
     def fields() -> dict[str, Any]:
         return sender_fields(sender, rates, time.monotonic())
 
-    thread = threading.Thread(target=work, name="tiality-send", daemon=True)
-    thread.start()
+    sender.start()
     present(
-        lambda: not thread.is_alive(),
+        lambda: not sender.running,
         stop,
-        on_stop=sender.stop,
+        on_stop=lambda: sender.stop(wait=False),
         table=lambda: send_view(monitor.frame(fields())),
         line=lambda: json_line(fields()) if json_ else send_plain_line(monitor.frame(fields())),
         json_=json_,
         quiet=quiet,
         events=log.lines,
     )
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    res = outcome["result"]
+    res = sender.wait()
+    assert res is not None  # wait() without a timeout returns the totals or raises
     summary = fields()
     audio_s = sender.stats.frames_captured * sender.format.frame_ms / 1000
     if audio_s > 0:  # the summary's rates are averages over the whole stream
@@ -393,7 +381,7 @@ def receiver_fields(receiver: Receiver, snap: StatsSnapshot, played_s: float) ->
     return {
         "played_s": round(played_s, 3),
         **snap.as_dict(),
-        "volume_db": round(gain_db(receiver.volume), 1),
+        "volume_db": round(receiver.volume_db, 1),
         "muted": receiver.muted,
         "streams_started": receiver.streams_started,
     }
@@ -407,7 +395,7 @@ def volume_keys(receiver: Receiver) -> dict[str, Callable[[], None]]:
 
     def step(steps: int) -> Callable[[], None]:
         def change() -> None:
-            receiver.volume = 10 ** (step_volume_db(gain_db(receiver.volume), steps) / 20)
+            receiver.volume_db = step_volume_db(receiver.volume_db, steps)
 
         return change
 
@@ -445,7 +433,7 @@ def run_receiver(
             receiver.snapshot(),
             receiver.session_views(),
             streams_started=receiver.streams_started,
-            volume_db=gain_db(receiver.volume),
+            volume_db=receiver.volume_db,
             muted=receiver.muted,
         )
 

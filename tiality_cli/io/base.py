@@ -60,7 +60,7 @@ class CaptureOptions:
 
 def split_uri(uri: str) -> tuple[str, str]:
     """Returns (scheme, rest) for a source/sink URI, or raises ConfigError naming the known schemes."""
-    for scheme in ("tone://", "file:", "alsa://", "sd://", "null://"):
+    for scheme in ("tone://", "file:", "alsa://", "sd://", "null://", "app://"):
         if uri.startswith(scheme):
             rest = uri[len(scheme) :]
             if scheme == "file:" and rest.startswith("//"):
@@ -129,6 +129,34 @@ def to_int16(block: npt.NDArray[np.float32], out: npt.NDArray[np.int16], gain: f
     np.rint(block, out=block)
     np.clip(block, -32768, 32767, out=block)
     out[:] = block
+
+
+class AppSink:
+    """The application's own audio engine is the clock (``app://``): it calls ``Receiver.fill(buf)`` itself.
+
+    Nothing runs here; the format is the one the application asked the receiver for, and ``delay_ns`` is
+    how long its engine takes from ``fill`` to the DAC, when it knows (for A/V sync).
+    """
+
+    def __init__(self, fmt: AudioFormat | None = None, name: str = "app://") -> None:
+        self.name = name
+        self.format: AudioFormat | None = fmt
+        self.underruns = 0
+        self.frames_written = 0
+        self.delay_ns = 0
+
+    def open(self, fmt: AudioFormat) -> None:
+        self.format = fmt
+
+    def start(self, fill: FillFn) -> None:
+        if self.format is None:
+            raise RuntimeError("open() the sink before start()")
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class ClockedSink:

@@ -2,6 +2,7 @@
 
     file:heard.wav       a WAV file of exactly the stream's audio (concealed frames included)
     null://              discards the audio (statistics only)
+    app://               the application's audio engine pulls ``Receiver.fill`` itself (a GUI)
     sd://NAME_OR_INDEX   PortAudio playback, one continuous callback stream   [devices]
     alsa://DEVICE        ALSA playback, for headless Pis                      [devices]
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
-from tiality_cli.io.base import Sink, split_uri
+from tiality_cli.io.base import AppSink, Sink, split_uri
 from tiality_cli.io.files import NullSink, WavSink
 
 
@@ -29,6 +30,8 @@ def open_sink(uri: str, fmt: AudioFormat | None = None, clock: Clock = SYSTEM_CL
     unless one is given.
     """
     scheme, rest = split_uri(uri)
+    if scheme == "app://":
+        return AppSink(fmt or AudioFormat())
     if scheme == "null://":
         sink: Sink = NullSink(clock)
     elif scheme == "file:":

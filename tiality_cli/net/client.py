@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,28 +55,32 @@ class GrpcLink:
         self._closed = False
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Returns once connected; fails fast (refused, unknown host) or after ``timeout_s``."""
-        settled = threading.Event()
-        last: list[grpc.ChannelConnectivity] = []
+        """Returns once the receiver answers; fails fast (refused, unknown host, TLS) or after ``timeout_s``.
 
-        def watch(state: grpc.ChannelConnectivity) -> None:
-            last.append(state)
-            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
-                settled.set()
-
-        self._channel.subscribe(watch, try_to_connect=True)
+        One fail-fast call (a clock probe) rather than a connectivity subscription: it waits while the
+        channel connects, fails at once when the connection does, and ``close()`` cancels it. A
+        subscription's polling thread would outlive a channel closed under it (and fail there).
+        """
+        if self._closed:
+            raise ConnectError(f"cannot reach {self.target}: stopped while connecting")
         try:
-            settled.wait(timeout_s)
-        finally:
-            self._channel.unsubscribe(watch)
-        if last and last[-1] == grpc.ChannelConnectivity.READY:
-            return
-        if settled.is_set():  # TRANSIENT_FAILURE: a short RPC tells why, in gRPC's words
-            try:
-                self._stub.Stream(iter(()), timeout=2.0, wait_for_ready=False)
-            except grpc.RpcError as err:
-                raise map_rpc_error(err, self.target) from None
-        raise ConnectError(f"cannot reach {self.target}: no answer within {timeout_s:g} s")
+            self._stub.Clock(
+                pb.ClockProbe(sender_send_ns=0),
+                timeout=timeout_s,
+                metadata=self._metadata,
+                wait_for_ready=False,
+            )
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            if code in _ANSWERED:
+                return  # connected; the stream itself tells why it is refused, or the receiver is older
+            if self._closed:
+                raise ConnectError(f"cannot reach {self.target}: stopped while connecting") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ConnectError(f"cannot reach {self.target}: no answer within {timeout_s:g} s") from None
+            raise map_rpc_error(err, self.target) from None
+        except ValueError:  # closed under us
+            raise ConnectError(f"cannot reach {self.target}: stopped while connecting") from None
 
     def probe_clock(self, wall_ns: Callable[[], int]) -> ClockSample | None:
         if self._closed:
@@ -111,6 +114,10 @@ class GrpcLink:
             summary = self._stub.Stream(map(message, items), metadata=self._metadata, wait_for_ready=False)
         except grpc.RpcError as err:
             raise map_rpc_error(err, self.target) from None
+        except ValueError:  # the channel was closed under us (a sender stopping)
+            if not self._closed:
+                raise
+            raise ConnectError(f"stream to {self.target} closed") from None
         return totals_from_pb(summary)
 
     def check(self, timeout_s: float = 2.0) -> str:
@@ -126,9 +133,17 @@ class GrpcLink:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def close(self) -> None:
+        """Closes the channel: an open stream is cancelled and a wait_ready() in progress returns."""
         self._closed = True
         self._channel.close()
 
+
+# A call that ends with one of these reached a receiver: the connection works.
+_ANSWERED = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
 
 _REASONS = (
     (re.compile(r"connection refused", re.I), "connection refused (is `tiality recv` running there?)"),
@@ -157,6 +172,8 @@ def map_rpc_error(err: grpc.RpcError, target: str) -> TialityError:
     details = (err.details() if hasattr(err, "details") else "") or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         return ConnectError(f"cannot reach {target}: {describe_unavailable(details)}")
+    if code == grpc.StatusCode.CANCELLED:
+        return ConnectError(f"cannot reach {target}: connection lost (the stream was cancelled)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ConnectError(f"cannot reach {target}: no answer (timed out)")
     if code == grpc.StatusCode.UNAUTHENTICATED:
