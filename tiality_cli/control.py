@@ -363,7 +363,7 @@ class LatencyController:
 
         The position to play now is the one for which B would be the target. Before it reaches the first
         frame held, wait; when it falls within this block, start with as much silence as puts the first
-        frame's first sample exactly there (resampling only: exact mode starts on the next pull). Past
+        frame's first sample exactly there (resampling only: exact mode starts on the nearest pull). Past
         the first frame (a start-up burst of old frames, or a sink that began late), start inside the
         frame it falls in: what comes before is stale, and would only have to be drained.
         """
@@ -372,7 +372,15 @@ class LatencyController:
         x = self.schedule.position(now - self.floor.value - self.target_ns)
         if x < first:
             ahead = round((first - x) * self.frame_samples)
-            if not self.resampling or ahead >= block:
+            if not self.resampling:
+                # Exact mode starts on a pull, with no silence before the first frame: on this one when
+                # that leaves B less than half a block short of the target, else on the next (less than
+                # half a block over). Either way no 2.5 ms step follows.
+                if 2 * ahead >= block:
+                    return None
+                self._started = now
+                return Start(first, 0)
+            if ahead >= block:
                 return None
             self._started = now
             return Start(first, -ahead)

@@ -616,7 +616,7 @@ class StreamPlayout:
         From the latency markers: the decoded frame captured last at or before ``capture_ns`` (or the oldest
         kept), extrapolated at the output rate, so a capture time whose audio is still in the jitter buffer
         maps to where it will play if nothing is skipped or inserted meanwhile. The encoder's look-ahead is
-        added: the decoded frame's first sample was captured that much before its packet's capture time.
+        not included (the receiver adds it, with the output's delay).
         """
         w = self._mark_write
         if w == 0:
@@ -631,4 +631,4 @@ class StreamPlayout:
                 oldest, oldest_cap = i, cap
         i = best if best >= 0 else oldest
         ahead_ns = (float(self._mark_pos[i]) - self._handed) * 1e9 / self._rate
-        return int(ahead_ns) + capture_ns - int(self._mark_capture[i]) + self._lookahead_ns
+        return int(ahead_ns) + capture_ns - int(self._mark_capture[i])
