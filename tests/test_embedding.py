@@ -323,9 +323,15 @@ def test_fifty_start_stop_cycles_leave_no_threads_or_descriptors_behind() -> Non
 
 
 def level_db(x: npt.NDArray[np.float32], freq: float) -> float:
-    v = x[:, 0].astype(np.float64)
-    amp = 2 * abs(np.dot(v, np.exp(-2j * np.pi * freq * np.arange(len(v)) / RATE))) / len(v)
-    return 20 * float(np.log10(max(amp, 1e-9)))
+    """A tone's level: the median over 50 ms pieces, so that one concealed frame (a late packet on a loaded
+    machine, which this test is not about) does not pass for a change of gain."""
+    piece = RATE // 20
+    levels = []
+    for a in range(0, len(x) - piece + 1, piece):
+        v = x[a : a + piece, 0].astype(np.float64)
+        amp = 2 * abs(np.dot(v, np.exp(-2j * np.pi * freq * np.arange(len(v)) / RATE))) / len(v)
+        levels.append(20 * float(np.log10(max(amp, 1e-9))))
+    return float(np.median(levels))
 
 
 def test_two_real_senders_gain_solo_and_mute_act_on_the_right_one() -> None:
