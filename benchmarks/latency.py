@@ -214,7 +214,11 @@ def measure(
     r.times_s = times
     # Dropouts: the pilot in 10 ms blocks of the speaker recording, from the first click out to the end.
     start = max(0, int(first_in + matched[0][1] * RATE / 1000 - offset_ms * RATE / 1000))
-    end = len(heard_out) - round(TAIL_S * RATE)
+    # ... to where the signal ends in the speaker: a period after the last click, less a margin (the pilot
+    # stops with the signal; that is no dropout)
+    last_in, last_ms = matched[-1]
+    end = int(last_in + (last_ms - offset_ms) * RATE / 1000 + (CLICK_PERIOD_S - 0.05) * RATE)
+    end = min(end, len(heard_out) - round(TAIL_S * RATE))
     r.dropouts, r.dropout_ms = pilot_dropouts(heard_out[start:end])
     if mode == "freeze":
         wall_resume_s = (resumed_ns - mic.start_ns()) / 1e9 - first_in / RATE
@@ -476,15 +480,17 @@ def table(rows: list[Row]) -> list[str]:
         "corrections. The receiver's latency estimate (capture ADC to speaker DAC, device delays included) "
         "is compared with the clicks' median of the same run.",
         "",
-        "| frame | first second - steady | worst after 1 s | receiver's estimate - clicks | buffer | target "
+        "| frame | first second - steady | worst after 1 s | receiver's estimate - clicks (range) | buffer | target "
         "| late | concealed | skipped | inserted | capture dropped |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        est = float(np.median([float(x.details["latency_ms_p50"]) - x.median() for x in r.e2e]))
+        deltas = [float(x.details["latency_ms_p50"]) - x.median() for x in r.e2e]
+        est = float(np.median(deltas))
         lines.append(
             f"| {r.frame_ms:g} ms | {_med(x.startup_excess() for x in r.e2e):+.1f} ms "
-            f"| {_med(x.worst_after_first_second() for x in r.e2e):.1f} ms | {est:+.1f} ms "
+            f"| {_med(x.worst_after_first_second() for x in r.e2e):.1f} ms "
+            f"| {est:+.1f} ms ({min(deltas):+.1f} to {max(deltas):+.1f}) "
             f"| {r.receiver('buffer_ms'):.1f} ms | {r.receiver('target_ms'):.1f} ms | {r.receiver('late'):g} "
             f"| {r.receiver('concealed'):g} | {r.receiver('skipped'):g} | {r.receiver('inserted'):g} "
             f"| {r.receiver('capture_dropped_ms'):g} ms |"
