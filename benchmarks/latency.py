@@ -480,7 +480,8 @@ def table(rows: list[Row]) -> list[str]:
         "corrections. The receiver's latency estimate (capture ADC to speaker DAC, device delays included) "
         "is compared with the clicks' median of the same run.",
         "",
-        "| frame | first second - steady | worst after 1 s | receiver's estimate - clicks (range) | buffer | target "
+        "| frame | first second - steady | worst after 1 s | receiver's estimate - clicks (range) "
+        "| buffer | target "
         "| late | concealed | skipped | inserted | capture dropped |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
