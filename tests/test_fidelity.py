@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pesq  # a development dependency (pyproject.toml [dev])
 import pytest
+import samplerate
 
 from tests.helpers.signals import align, find_dropouts, load_speech, trim_aligned
 from tiality_cli.config import AudioFormat, CodecConfig
 from tiality_cli.loopback import transcode
 from tiality_cli.wavfile import read_wav, write_wav
-
-pesq = pytest.importorskip("pesq")
-samplerate = pytest.importorskip("samplerate")
 
 TIALITY = [sys.executable, "-m", "tiality_cli"]
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}

@@ -17,6 +17,10 @@ DEFAULT_RATE = 48_000  # Opus's native rate: no resampling anywhere on the defau
 DEFAULT_CHANNELS = 2  # two of the Pi's four mic channels reach the encoder
 DEFAULT_FRAME_US = 20_000  # 20 ms: Opus's sweet spot of overhead vs latency
 DEFAULT_BITRATE = 64_000  # transparent for speech and ambience in stereo; ~8 kB/s
+# 'voip' is within 0.04 PESQ-WB of the best mode at every bitrate, mono and stereo, 10 and 20 ms
+# (docs/codec-quality.md); 'restricted-lowdelay' saves 4 ms of look-ahead but, CELT-only, loses up to
+# 2 PESQ points on speech below 64 kbit/s per channel. Choose it only for high bitrates.
+DEFAULT_APPLICATION = "voip"
 OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
 OPUS_FRAME_US = (2_500, 5_000, 10_000, 20_000, 40_000, 60_000)
 OPUS_APPLICATIONS = ("voip", "audio", "restricted-lowdelay")
@@ -92,10 +96,7 @@ class CodecConfig:
 
     bitrate: int = DEFAULT_BITRATE  # bits/s; Opus accepts 6000..510000
     complexity: int = 10  # 0..10; lower it on a busy Pi Zero (5 costs about half the CPU)
-    # 'voip' is within 0.04 PESQ-WB of the best mode at every bitrate, mono and stereo, 10 and 20 ms
-    # (docs/codec-quality.md); 'restricted-lowdelay' saves 4 ms of look-ahead but, CELT-only, loses up to
-    # 2 PESQ points on speech below 64 kbit/s per channel. Choose it only for high bitrates.
-    application: str = "voip"
+    application: str = DEFAULT_APPLICATION  # see DEFAULT_APPLICATION for why
     inband_fec: bool = False  # costs bitrate; helps only when packets are actually lost
     dtx: bool = False  # saves bandwidth in silence, at the cost of comfort noise
     packet_loss_perc: int = 0  # expected loss %, steers how much FEC the encoder spends

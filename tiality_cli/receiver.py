@@ -34,7 +34,7 @@ import numpy.typing as npt
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import DEFAULT_PORT, OPUS_RATES, AudioFormat, ServerSecurity
 from tiality_cli.errors import BusyError, ConfigError
-from tiality_cli.io.base import BLOCK_US, AppSink, Sink
+from tiality_cli.io.base import BLOCK_US, AppSink, Sink, to_int16
 from tiality_cli.link import ClockEstimate, StreamInfo, StreamTotals
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.recording import OpusRecorder, OpusTap, WavRecorder, check_record_path
@@ -201,7 +201,6 @@ class Session:
     rates: tuple[RateMeter, RateMeter] = field(default_factory=lambda: (RateMeter(), RateMeter()))
     received: int = 0  # packets taken off the wire (the playout counts them when it next runs)
     tap: OpusTap | None = None  # --record PATH.opus: the packets as received
-    capture_delay_ns: int = 0  # the capture-device delay of the last packet, as the sender measured it
     drain_s: float = 2.2  # how long close() waits for the buffered audio to play out
     fader: _Fader = field(default_factory=lambda: _Fader(480))
     _gain_db: float = 0.0
@@ -244,7 +243,6 @@ class Session:
 
     # ---- StreamHandler (the transport's thread) -------------------------------------------------------
     def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int = 0) -> None:
-        self.capture_delay_ns = capture_delay_ns
         self.playout.push(seq, capture_ns + self.clock_offset_ns, payload, capture_delay_ns)
         self.received += 1
         if self.tap is not None:
@@ -690,10 +688,10 @@ class Receiver:
             out[:] = acc
             pcm = self._i16[:n]
             if playing and self._wav_rec is not None:
-                self._to_int16(acc, pcm)
+                to_int16(acc, pcm)
         else:
             pcm = cast(I16, out)
-            self._to_int16(acc, pcm)
+            to_int16(acc, pcm)
         if playing and self._wav_rec is not None:
             self._wav_rec.push(pcm)
         self._fills += 1
@@ -713,13 +711,6 @@ class Receiver:
             playing = playout.pull(buf[a : a + chunk], ahead) or playing
         bc.back_ns = 0
         return playing
-
-    @staticmethod
-    def _to_int16(acc: F32, out: I16) -> None:
-        np.multiply(acc, 32768.0, out=acc)
-        np.rint(acc, out=acc)
-        np.clip(acc, -32768, 32767, out=acc)
-        out[:] = acc
 
     def _track_timeline(self, n: int) -> None:
         """Fits the output's sample clock from below: a late callback does not move it (for A/V sync)."""

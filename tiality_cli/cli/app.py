@@ -26,7 +26,7 @@ from tiality_cli.cli.common import (
     stop_on_signals,
 )
 from tiality_cli.cli.settings import RecvCommand, SendCommand
-from tiality_cli.config import DEFAULT_PORT
+from tiality_cli.config import DEFAULT_APPLICATION, DEFAULT_PORT
 from tiality_cli.errors import ConfigError
 
 # gRPC's C core logs its own copy of errors we already report in one line; keep stderr to that line.
@@ -114,7 +114,7 @@ def send(
             help="voip (best speech quality at every bitrate), audio, or restricted-lowdelay "
             "(4 ms less delay, much worse speech below 64 kbit/s per channel)."
         ),
-    ] = "voip",
+    ] = DEFAULT_APPLICATION,
     fec: Annotated[
         bool, typer.Option("--fec/--no-fec", help="Opus in-band FEC (needs --expected-loss > 0).")
     ] = False,

@@ -15,6 +15,7 @@ import typer
 
 from tiality_cli.cli.common import TOKEN_HELP
 from tiality_cli.cli.settings import ConfiguredCommand
+from tiality_cli.config import DEFAULT_APPLICATION
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -90,7 +91,7 @@ def doctor(
     rate: Annotated[int, typer.Option(help="Stream sample rate, as send's --rate.")] = 48_000,
     channels: Annotated[int, typer.Option(help="Encoded channels, as send's --channels.")] = 2,
     frame_ms: Annotated[float, typer.Option(help="Packet duration, as send's --frame-ms.")] = 20.0,
-    application: Annotated[str, typer.Option(help="Opus application, as send's.")] = "restricted-lowdelay",
+    application: Annotated[str, typer.Option(help="Opus application, as send's.")] = DEFAULT_APPLICATION,
     fec: Annotated[bool, typer.Option("--fec/--no-fec", help="Opus in-band FEC, as send's.")] = False,
     listen: Annotated[float, typer.Option(help="Seconds to listen to the input.")] = 2.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the receiver.")] = 3.0,
