@@ -104,7 +104,6 @@ def _recv_tick(senders: int) -> Callable[[int], RenderableType]:
             for k in range(senders)
         ]
         frame = monitor.frame(
-            i * REFRESH_S,
             _snapshot(i, senders),
             views,
             streams_started=senders,

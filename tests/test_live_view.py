@@ -572,9 +572,7 @@ def test_volume_steps_are_3_db_and_bounded() -> None:
 
 def test_narrow_terminals_drop_the_least_important_columns_first() -> None:
     monitor = RecvMonitor(50052, "null://")
-    frame = monitor.frame(
-        0.0, _snap(packets=10, streams=0), [], streams_started=0, volume_db=0.0, muted=False
-    )
+    frame = monitor.frame(_snap(packets=10, streams=0), [], streams_started=0, volume_db=0.0, muted=False)
     wide = screen_text(recv_lines(frame, 200)).splitlines()[2]
     assert all(c.title[1] in wide for c in RECV_COLUMNS)
     narrow = screen_text(recv_lines(frame, 80)).splitlines()

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers.signals import tone
 from tiality_cli.cli.view import level_meter, markup
-from tiality_cli.stats import SILENCE_DBFS, LevelMeter, Rates, dbfs, frame_levels, gain_db, levels
+from tiality_cli.stats import SILENCE_DBFS, LevelMeter, RateMeter, dbfs, frame_levels, gain_db, levels
 
 RATE = 48_000
 
@@ -90,14 +90,18 @@ def test_level_meter_keeps_the_latest_frame_and_the_totals() -> None:
     assert rms == pytest.approx(-9.01 - 3.01, abs=0.02)  # half the frames silent: half the power
 
 
-def test_rates_between_updates_and_over_a_span() -> None:
-    snapshot = Rates()  # span 0: since the previous update
-    assert snapshot.update(10.0, 0, 0) == (0.0, 0.0)
-    assert snapshot.update(11.0, 50, 8000) == (50.0, 64.0)
-    assert snapshot.update(11.5, 100, 12000) == (100.0, 64.0)
-    assert snapshot.update(11.5, 100, 12000) == (0.0, 0.0)  # no time passed
-    view = Rates(2.0)  # a live view: over the last 2 s at least
+def test_rates_over_the_last_window_are_the_same_for_every_reader() -> None:
+    s = 1_000_000_000
+    fast, slow = RateMeter(start_ns=10 * s), RateMeter(start_ns=10 * s)
+    # one reader every 20 ms, another once a second, of the same counter: 50 packets a second
+    for k in range(1, 151):
+        now = 10 * s + k * 20_000_000
+        fast_rate = fast.rate(k, now)
+        if k % 50 == 0:
+            slow_rate = slow.rate(k, now)
+            assert fast_rate == pytest.approx(50.0) and slow_rate == pytest.approx(50.0)
+    m = RateMeter(window_s=2.0)  # accelerating: 50, 150, 250... per second; the last 2 s count
     for t in range(6):
-        pps, kbps = view.update(float(t), 50 * t * t, 0)  # accelerating: 50, 150, 250... per second
-    assert pps == pytest.approx((50 * 25 - 50 * 9) / 2)  # from t=3 to t=5
-    assert kbps == 0.0
+        rate = m.rate(50 * t * t, t * s)
+    assert rate == pytest.approx((50 * 25 - 50 * 9) / 2)  # from t=3 to t=5
+    assert RateMeter().rate(5, s) == 0.0  # one reading: no interval yet

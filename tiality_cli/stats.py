@@ -10,7 +10,7 @@ The one home of the level and rate arithmetic every command shows:
     frame_levels           peak and RMS of one int16 frame, in place (the audio path: no allocation)
     LevelMeter             the same for a stream of frames, with totals (loopback)
     levels                 peak and RMS dBFS of a whole recording (allocates: not for the audio path)
-    Rates                  packets/s and kbit/s from cumulative counters
+    RateMeter              a counter's per-second rate over the last 2 s, the same for every reader
 """
 
 from __future__ import annotations
@@ -225,29 +225,6 @@ class StatsSnapshot:
             if isinstance(v, float):
                 d[k] = None if math.isnan(v) else round(v, 3)
         return d
-
-
-class Rates:
-    """Packets/s and kbit/s from cumulative counters, averaged over the last ``span_s`` seconds.
-
-    ``span_s`` 0: between this update and the previous one (a snapshot's rates); a live view averages
-    over a couple of seconds so the figures do not flicker. The first update gives 0, 0.
-    """
-
-    def __init__(self, span_s: float = 0.0) -> None:
-        self.span_s = span_s
-        self._samples: deque[tuple[float, int, int]] = deque()
-
-    def update(self, now_s: float, packets: int, nbytes: int) -> tuple[float, float]:
-        q = self._samples
-        q.append((now_s, packets, nbytes))
-        while len(q) > 2 and now_s - q[1][0] >= self.span_s:
-            q.popleft()
-        t0, p0, b0 = q[0]
-        dt = now_s - t0
-        if dt <= 0:
-            return 0.0, 0.0
-        return (packets - p0) / dt, (nbytes - b0) * 8 / 1000 / dt
 
 
 class RateMeter:

@@ -27,7 +27,6 @@ from types import TracebackType
 from typing import Any
 
 from tiality_cli.cli.view import (
-    RATE_SPAN_S,
     RecvFrame,
     RecvMonitor,
     SendMonitor,
@@ -45,7 +44,7 @@ from tiality_cli.cli.view import (
 from tiality_cli.io.base import ClockedSink
 from tiality_cli.receiver import Receiver
 from tiality_cli.sender import Sender, StateChange
-from tiality_cli.stats import Rates, StatsSnapshot
+from tiality_cli.stats import StatsSnapshot
 
 REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
 LOG_EVERY_S = 5.0  # plain log lines when stdout is not a terminal
@@ -235,11 +234,12 @@ def present(
 # ---------------------------------------------------------------------------------------------------------
 # send
 # ---------------------------------------------------------------------------------------------------------
-def sender_fields(sender: Sender, rates: Rates, now_s: float) -> dict[str, Any]:
-    """The sender's JSON stats fields (docs/stats.md); ``rates`` turns counters into per-second rates."""
+def sender_fields(sender: Sender) -> dict[str, Any]:
+    """The sender's JSON stats fields (docs/stats.md); its rates are the snapshot's (the last 2 s)."""
     st = sender.stats
     fmt = sender.format
-    pps, kbps = rates.update(now_s, st.packets_sent, st.bytes_sent)
+    snap = sender.snapshot()
+    pps, kbps = snap.packets_per_s, snap.bitrate_kbps
     best = sender.clock_filter.best()
     return {
         "state": st.state,
@@ -332,12 +332,10 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
     """Starts the sender and presents its figures until it ends; re-raises its error."""
     log = StateLog()
     sender.on_state = log.add
-    rates = Rates(RATE_SPAN_S)
-    rates.update(time.monotonic(), 0, 0)  # so the first line's rates count from the start
     monitor = SendMonitor(sender.config.max_backlog_ms, keys=keys_available())
 
     def fields() -> dict[str, Any]:
-        return sender_fields(sender, rates, time.monotonic())
+        return sender_fields(sender)
 
     sender.start()
     present(
@@ -429,7 +427,6 @@ def run_receiver(
 
     def frame() -> RecvFrame:
         return monitor.frame(
-            time.monotonic(),
             receiver.snapshot(),
             receiver.session_views(),
             streams_started=receiver.streams_started,

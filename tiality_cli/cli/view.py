@@ -33,7 +33,7 @@ from rich.markup import escape
 from rich.segment import Segment
 from rich.table import Table
 
-from tiality_cli.stats import SILENCE_DBFS, Rates, StatsSnapshot
+from tiality_cli.stats import SILENCE_DBFS, StatsSnapshot
 
 if TYPE_CHECKING:
     from tiality_cli.receiver import SessionView
@@ -43,7 +43,6 @@ Line = list[Frag]  # one screen line
 
 HISTORY = 60  # refreshes kept for the trend sparklines (15 s at 4 Hz)
 PEAK_HOLD = 8  # refreshes a level peak stays marked on the meter (2 s at 4 Hz)
-RATE_SPAN_S = 2.0  # packets/s and kbit/s are averaged over about this long, so they do not flicker
 VOLUME_STEP_DB = 3.0
 VOLUME_MIN_DB = -60.0
 VOLUME_MAX_DB = 12.0  # above 0 dB the soft limiter rounds off loud streams; allowed for quiet senders
@@ -229,7 +228,6 @@ class RecvFrame:
 
 @dataclass(slots=True)
 class _History:
-    rates: Rates = field(default_factory=lambda: Rates(RATE_SPAN_S))
     latency: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     level: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     peaks: deque[float] = field(default_factory=lambda: deque(maxlen=PEAK_HOLD))
@@ -246,12 +244,10 @@ class RecvMonitor:
         self.output = output
         self.keys = keys
         self.title = title
-        self._total = Rates(RATE_SPAN_S)
         self._senders: dict[int, _History] = {}
 
     def frame(
         self,
-        now_s: float,
         totals: StatsSnapshot,
         sessions: Sequence[SessionView],
         *,
@@ -259,14 +255,12 @@ class RecvMonitor:
         volume_db: float,
         muted: bool,
     ) -> RecvFrame:
-        pps, kbps = self._total.update(now_s, totals.packets, totals.bytes)
         rows = []
         seen = set()
         for v in sessions:
             seen.add(v.id)
             h = self._senders.setdefault(v.id, _History())
             s = v.stats
-            s_pps, s_kbps = h.rates.update(now_s, s.packets, s.bytes)
             h.latency.append(s.latency_ms_p50)
             h.level.append(s.level_dbfs)
             h.peaks.append(s.peak_dbfs)
@@ -279,8 +273,8 @@ class RecvMonitor:
                     uptime_s=v.uptime_s,
                     state=v.state,
                     stats=s,
-                    packets_per_s=s_pps,
-                    bitrate_kbps=s_kbps,
+                    packets_per_s=s.packets_per_s,
+                    bitrate_kbps=s.bitrate_kbps,
                     peak_hold_dbfs=max(h.peaks),
                     latency_trend=tuple(h.latency),
                     level_trend=tuple(h.level),
@@ -292,8 +286,8 @@ class RecvMonitor:
             port=self.port,
             output=self.output,
             totals=totals,
-            packets_per_s=pps,
-            bitrate_kbps=kbps,
+            packets_per_s=totals.packets_per_s,
+            bitrate_kbps=totals.bitrate_kbps,
             streams_started=streams_started,
             volume_db=volume_db,
             muted=muted,
