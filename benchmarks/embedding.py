@@ -25,15 +25,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tests.helpers.appout import AppOutput, RealTimePull, encode
+from tests.helpers.appout import AppOutput, RealTimePull, StampedSource, encode
 from tests.helpers.signals import click_train, detect_clicks, tone
 from tiality_cli.clock import SystemClock
 from tiality_cli.config import AudioFormat
-from tiality_cli.io.base import Source
 from tiality_cli.io.sources import open_source
 from tiality_cli.receiver import Receiver, ReceiverConfig
 from tiality_cli.sender import Sender, SenderConfig
@@ -42,30 +40,11 @@ from tiality_cli.wavfile import write_wav
 RATE = 48_000
 
 
-class _Stamped:
-    def __init__(self, inner: Source) -> None:
-        self.inner, self.format, self.name = inner, inner.format, inner.name
-        self.overruns, self.dropped_ns = 0, 0
-        self.stamps: list[int] = []
-
-    def open(self) -> None:
-        self.inner.open()
-
-    def read(self, out: npt.NDArray[np.int16]) -> int | None:
-        t = self.inner.read(out)
-        if t is not None:
-            self.stamps.append(t)
-        return t
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def av_sync_run(clicks_n: int, wav: Path) -> tuple[list[float], list[float]]:
     clicks = click_train(RATE, 0.3, clicks_n, start_s=0.5, level_dbfs=-6.0, channels=2)
     write_wav(wav, np.rint(clicks.signal * 32767).astype(np.int16), RATE)
     pi = SystemClock(wall_offset_ns=-2_345_678_901)
-    src = _Stamped(open_source(f"file:{wav}", AudioFormat(), clock=pi))
+    src = StampedSource(open_source(f"file:{wav}", AudioFormat(), clock=pi))
     rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1"))
     port = rx.start()
     frame = AudioFormat().frame_samples

@@ -29,13 +29,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import tiality_cli
 import tiality_cli as tiality
-from tests.helpers.appout import RealTimePull
+from tests.helpers.appout import RealTimePull, StampedSource
 from tests.helpers.signals import click_train, detect_clicks
 from tests.helpers.waiting import wait_until
 from tiality_cli.clock import SystemClock
 from tiality_cli.config import AudioFormat, ClientSecurity, ServerSecurity
 from tiality_cli.errors import AuthError, ConnectError, DeviceError, RejectedError
-from tiality_cli.io.base import Source
 from tiality_cli.io.files import NullSink
 from tiality_cli.io.sources import open_source
 from tiality_cli.receiver import Receiver, ReceiverConfig, ReceiverEvent
@@ -377,30 +376,6 @@ def test_two_real_senders_gain_solo_and_mute_act_on_the_right_one() -> None:
     assert a2 < -70 and b2 - b0 == pytest.approx(0.0, abs=0.5)
     assert a3 < -70 and b3 < -70
     assert a4 - a0 == pytest.approx(-16.0, abs=0.5) and b4 < -70
-
-
-class StampedSource:
-    """A Source that remembers the capture time of every frame it hands over (the sender's clock)."""
-
-    def __init__(self, inner: Source) -> None:
-        self.inner = inner
-        self.format = inner.format
-        self.name = inner.name
-        self.stamps: list[int] = []
-        self.overruns = 0
-        self.dropped_ns = 0  # a file source drops nothing
-
-    def open(self) -> None:
-        self.inner.open()
-
-    def read(self, out: npt.NDArray[np.int16]) -> int | None:
-        t = self.inner.read(out)
-        if t is not None:
-            self.stamps.append(t)
-        return t
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_play_time_ns_over_grpc_matches_the_pull_of_each_click(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from tiality_cli.clock import ManualClock
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, CodecConfig
+from tiality_cli.io.base import Source
 from tiality_cli.link import ClockEstimate, StreamInfo
 from tiality_cli.receiver import Receiver, ReceiverConfig, Session
 
@@ -242,3 +243,27 @@ class RealTimePull:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {samples} samples to be pulled")
             time.sleep(0.01)
+
+
+class StampedSource:
+    """A Source that remembers the capture time of every frame it hands over (the sender's clock)."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.format = inner.format
+        self.name = inner.name
+        self.stamps: list[int] = []
+        self.overruns = 0
+        self.dropped_ns = 0  # a file source drops nothing
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def read(self, out: npt.NDArray[np.int16]) -> int | None:
+        t = self.inner.read(out)
+        if t is not None:
+            self.stamps.append(t)
+        return t
+
+    def close(self) -> None:
+        self.inner.close()
