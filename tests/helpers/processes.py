@@ -147,7 +147,7 @@ class StampedRecorder:
             "--format=s16le",
             f"--rate={RATE}",
             f"--channels={channels}",
-            "--latency-msec=10",  # small blocks: each arrival time says more
+            "--latency-msec=2",  # small blocks: each arrival time says more
         ]
         self._proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._thread = threading.Thread(target=self._pump, name=f"parec {device}", daemon=True)

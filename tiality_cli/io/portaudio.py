@@ -95,6 +95,7 @@ class SdCapture:
         self._cond = _threading.Condition()
         self._closing = False
         self._frame_ns = fmt.frame_ns
+        self._pa_time = PaTimeMap()
         try:
             self._stream = sd.InputStream(
                 device=index,
@@ -114,8 +115,9 @@ class SdCapture:
         if status.input_overflow:
             self.overruns += 1
         # PortAudio's ADC time of the first sample; never later than one frame before now.
-        lag = time.currentTime - time.inputBufferAdcTime
-        age = int(lag * NS) if 0.0 < lag < 1.0 else 0
+        age = 0
+        if 0.0 < time.currentTime - time.inputBufferAdcTime < 1.0:
+            age = now - self._pa_time.to_local(time.currentTime, now, time.inputBufferAdcTime)
         with self._cond:
             if self._written - self._read >= self.RING_FRAMES:
                 self._read += 1
@@ -164,6 +166,31 @@ class SdCapture:
         self._stream.close()
 
 
+class PaTimeMap:
+    """Maps PortAudio's stream times (ADC/DAC times in a callback) onto one of our clocks.
+
+    A callback's ``currentTime`` is when PortAudio read the device, which can be well before the
+    callback's Python code runs (it waits for the GIL). Using ``DacTime - currentTime`` as the delay
+    from *now* then reads the lateness as device delay. The offset between the two clocks is the
+    smallest ``now - currentTime`` seen: the callback that ran at once. It creeps up 1 µs per callback
+    (0.2 ms/s at 5 ms callbacks) so that a step of the system clock is followed.
+    """
+
+    CREEP_NS = 1_000
+
+    def __init__(self) -> None:
+        self._offset_ns: int | None = None
+
+    def to_local(self, current_s: float, now_ns: int, pa_s: float) -> int:
+        """``pa_s`` (a PortAudio time) on the clock ``now_ns`` was read from, at ``current_s``."""
+        offset = now_ns - int(current_s * NS)
+        if self._offset_ns is None or offset < self._offset_ns + self.CREEP_NS:
+            self._offset_ns = offset
+        else:
+            self._offset_ns += self.CREEP_NS
+        return int(pa_s * NS) + self._offset_ns
+
+
 class SdPlayback:
     """PortAudio playback: one continuous OutputStream whose callback hands its buffer to ``fill``.
 
@@ -186,6 +213,7 @@ class SdPlayback:
         self._clock = clock
         self._blocksize = blocksize
         self._fill: FillFn = _silence
+        self._pa_time = PaTimeMap()
         self._stream: Any = None
         self._sd, self._index, self._info = sd_device(uri, query, False)
         self.device = f"sd://{self._index} ({self._info['name']})"
@@ -217,6 +245,11 @@ class SdPlayback:
     def _callback(self, outdata: npt.NDArray[np.int16], frames: int, time: Any, status: Any) -> None:
         if status.output_underflow:
             self.underruns += 1
+        now = self._clock.monotonic_ns()
+        if 0.0 < time.outputBufferDacTime - time.currentTime < 1.0:  # 0 where a host API gives no times
+            self.delay_ns = max(
+                0, self._pa_time.to_local(time.currentTime, now, time.outputBufferDacTime) - now
+            )
         try:
             if self._fill(outdata):
                 self.frames_written += frames
@@ -224,9 +257,6 @@ class SdPlayback:
             self.error = exc
             outdata.fill(0)
             raise self._sd.CallbackAbort from None
-        ahead = time.outputBufferDacTime - time.currentTime
-        if 0.0 < ahead < 1.0:
-            self.delay_ns = int(ahead * NS)
 
     def start(self, fill: FillFn) -> None:
         if self._stream is None:
