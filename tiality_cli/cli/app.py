@@ -7,6 +7,7 @@ Heavy modules (grpc, numpy, sounddevice, alsaaudio, opuslib) are imported inside
 from __future__ import annotations
 
 import os
+import threading
 from typing import Annotated
 
 import typer
@@ -202,8 +203,9 @@ def send(
             raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
         config = SenderConfig(endpoint, codec, max_backlog, seconds, reconnect=not once, security=security)
         sender = Sender(source, config)
-        with stop_on_signals() as stop:
-            run_sender(sender, stop, json_=json_, quiet=quiet)
+        wake = threading.Event()
+        with stop_on_signals(wake) as stop:
+            run_sender(sender, stop, json_=json_, quiet=quiet, wake=wake)
 
     guarded(body)
 
