@@ -7,10 +7,13 @@ Heavy modules (grpc, numpy, sounddevice, alsaaudio, opuslib) are imported inside
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from typing import Annotated
 
 import typer
+from typer import _click as click
+from typer.core import TyperGroup
 
 from tiality_cli.cli.common import (
     TOKEN_HELP,
@@ -35,12 +38,29 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 FILE_LATENCY_MS = 60.0  # recv -o file: with --latency auto: a buffer no loopback or LAN jitter exceeds
 
+
+class _RootGroup(TyperGroup):
+    """``tiality --help`` in Click's plain layout: the Rich one imports ``typer.rich_utils`` (Rich's
+    Markdown, Syntax, Columns...: about 50 ms, a quarter of the command's start-up) for a list of seven
+    commands. Each command's own ``--help``, and every error, keep the Rich layout."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # As wide as the terminal (up to 120 columns, as Rich would be), so the commands' summaries fit.
+        formatter.width = max(min(shutil.get_terminal_size().columns, 120) - 2, 50)
+        mode, self.rich_markup_mode = self.rich_markup_mode, None
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.rich_markup_mode = mode
+
+
 app = typer.Typer(
+    cls=_RootGroup,
     name="tiality",
     help="Live audio from a robot's Raspberry Pi to its operator: capture, Opus, gRPC, adaptive playout.",
     epilog=(
         "Every option of send and recv can also be set by a TIALITY_<OPTION> variable or in "
-        "~/.config/tiality/tiality.toml or /etc/tiality/tiality.toml (\\[send], \\[recv]); "
+        "~/.config/tiality/tiality.toml or /etc/tiality/tiality.toml ([send], [recv]); "
         "`tiality config` shows what is in effect."
     ),
     no_args_is_help=True,
