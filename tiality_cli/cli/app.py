@@ -29,7 +29,7 @@ from tiality_cli.cli.common import (
     guarded,
     stop_on_signals,
 )
-from tiality_cli.cli.settings import RecvCommand, SendCommand
+from tiality_cli.cli.settings import RecvCommand, SendCommand, convert_plainly
 from tiality_cli.config import DEFAULT_APPLICATION, DEFAULT_PORT
 from tiality_cli.errors import ConfigError
 
@@ -43,6 +43,14 @@ class _RootGroup(TyperGroup):
     """``tiality --help`` in Click's plain layout: the Rich one imports ``typer.rich_utils`` (Rich's
     Markdown, Syntax, Columns...: about 50 ms, a quarter of the command's start-up) for a list of seven
     commands. Each command's own ``--help``, and every error, keep the Rich layout."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --version, --help and the completion options (Typer adds them after __init__): no pydantic to
+        # convert their values (settings.convert_plainly).
+        for param in self.get_params(ctx):
+            convert_plainly(param)
+        rest: list[str] = super().parse_args(ctx, args)
+        return rest
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # As wide as the terminal (up to 120 columns, as Rich would be), so the commands' summaries fit.
