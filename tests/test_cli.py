@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -234,3 +235,46 @@ def test_recv_seconds_writes_exactly_that_much(tmp_path: Path) -> None:
     assert recv.returncode == 0
     assert read_wav(out)[1].frames == 48_000
     assert sent.returncode in (0, 4)  # the receiver may leave while the sender is still streaming
+
+
+def test_send_quiet_imports_neither_pydantic_nor_rich_nor_the_receiver(
+    receiver_cli: tuple[subprocess.Popen[str], int],
+) -> None:
+    """Start-up on a Pi: ``send -q`` converts its options without Typer's pydantic adapter and draws
+    nothing with Rich (docs/performance.md, start-up)."""
+    _, port = receiver_cli
+    code = (
+        "import sys\n"
+        "from tiality_cli.cli.app import app\n"
+        "try:\n"
+        f"    app(['send', '127.0.0.1:{port}', '-i', 'tone://440', '--seconds', '0.1', '--frame-ms', '10',\n"
+        "         '--rate', '48000', '--once', '-q'])\n"
+        "except SystemExit as exc:\n"
+        "    print('EXIT', exc.code)\n"
+        "mods = ('pydantic', 'rich', 'typer._adapters', 'tiality_cli.receiver', 'tiality_cli.playout')\n"
+        "print('LOADED', [m for m in mods if m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert "EXIT 0" in proc.stdout, proc.stderr
+    assert "LOADED []" in proc.stdout
+    assert "packets_sent=10 " in proc.stdout  # 0.1 s of 10 ms frames
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--frame-ms", "10", "--rate", "16000", "--bitrate", "32.5"], (10.0, 16000, 32.5)),
+        (["--frame-ms", "1e1", "--rate", "016000", "--bitrate", "-0"], (10.0, 16000, -0.0)),  # "1e1": Typer's
+        ([], (20.0, 48000, 64.0)),  # the defaults
+    ],
+)
+def test_send_options_convert_as_typer_converts_them(args: list[str], expected: tuple[Any, ...]) -> None:
+    import typer.main
+
+    from tiality_cli.cli.app import app
+
+    send = typer.main.get_command(app).commands["send"]  # type: ignore[attr-defined]
+    ctx = send.make_context("send", ["host:1", *args])
+    got = (ctx.params["frame_ms"], ctx.params["rate"], ctx.params["bitrate"])
+    assert got == expected and [type(v) for v in got] == [float, int, float]
+    assert ctx.params["target"] == "host:1" and ctx.params["quiet"] is False

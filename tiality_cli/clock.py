@@ -6,6 +6,8 @@ Two clocks matter: a monotonic one for pacing and measuring intervals, and the w
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from typing import Protocol
 
@@ -51,3 +53,28 @@ class ManualClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+class Wake:
+    """A wake-up one thread posts and another waits for: a ``threading.Lock`` used as a binary semaphore.
+
+    For hand-offs on the audio path (once per packet): ``threading.Event`` is a Python-level Condition
+    that allocates a lock per wait and notifies in Python; this is one C call on each side. Posts made
+    while nobody waits collapse into one (the waiter then wakes once, at once), so a waiter re-checks its
+    own state after every wake. Any thread may post.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held: not posted
+
+    def post(self) -> None:
+        """Wakes the waiter (now, or its next wait if none waits)."""
+        with contextlib.suppress(RuntimeError):  # already posted
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` s for a post and consumes it; False on timeout."""
+        return self._lock.acquire(timeout=timeout)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tiality_cli.clock import SYSTEM_CLOCK, Clock
+from tiality_cli.clock import SYSTEM_CLOCK, Clock, Wake
 from tiality_cli.clocksync import ClockFilter
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, ClientSecurity, CodecConfig, Endpoint, parse_endpoint
@@ -35,6 +35,7 @@ from tiality_cli.stats import RateMeter, dbfs, frame_levels
 
 BACKOFF_FIRST_S = 0.1  # first retry after an outage
 BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about half a second
+METER_EVERY_MS = 100.0  # the level figures (peak, RMS) are those of one frame in every 100 ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +185,7 @@ class Sender:
         self.stats = SenderStats()
         self._backlog: deque[Packet] = deque()
         self._max_backlog = max(1, int(config.max_backlog_ms * 1000 // self.format.frame_us))
-        self._ready = threading.Event()
+        self._ready = Wake()  # the capture thread posts each frame; the link thread waits (C-level)
         self._captured_all = threading.Event()
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
@@ -196,6 +197,8 @@ class Sender:
         # Called on the sender's threads at each state change (a few times per connection, never per
         # packet); it must return quickly. The CLI logs them; a GUI can show them.
         self.on_state: StateListener | None = None
+        # Called once on start()'s thread when run() has ended there (``result`` or ``error`` is set).
+        self.on_end: Callable[[], None] | None = None
         self._link: Link | None = None  # the connection being made or used (stop() closes it)
         self._streaming = False
         self._thread: threading.Thread | None = None
@@ -233,6 +236,9 @@ class Sender:
             self.result = self.run()
         except BaseException as exc:
             self.error = exc
+        finally:
+            if self.on_end is not None:
+                self.on_end()
 
     @property
     def running(self) -> bool:
@@ -258,7 +264,7 @@ class Sender:
         """
         self._stop.set()
         self.source.close()
-        self._ready.set()
+        self._ready.post()
         link = self._link
         if link is not None and not self._streaming:
             link.close()  # wakes a wait_ready() in progress
@@ -312,6 +318,11 @@ class Sender:
         scratch = np.zeros(buf.shape, dtype=np.float32)  # the level meter's, allocated once
         src, wall, frame_ns = self.source, self.clock.wall_ns, fmt.frame_ns
         dropped_ns = src.dropped_ns
+        ready = self._ready.post
+        # The level is read a few times a second (live view 4 Hz, JSON 1 Hz): measure one frame in
+        # every METER_EVERY_MS of audio, not every frame (its numpy calls cost as much as the tone).
+        meter_every = max(1, round(METER_EVERY_MS * 1000 / fmt.frame_us))
+        meter_in = 0
         try:
             while not self._stop.is_set() and (limit is None or seq < limit):
                 t = src.read(buf)
@@ -324,7 +335,10 @@ class Sender:
                     seq += round((src.dropped_ns - dropped_ns) / frame_ns)
                     dropped_ns = src.dropped_ns
                     st.capture_dropped_ms = dropped_ns / 1e6
-                st.peak, st.rms = frame_levels(buf, scratch)
+                if meter_in == 0:
+                    st.peak, st.rms = frame_levels(buf, scratch)
+                    meter_in = meter_every
+                meter_in -= 1
                 payload = enc.encode()
                 self._backlog.append((seq, t, payload, delay if delay > 0 else 0))
                 if len(self._backlog) > self._max_backlog:
@@ -336,12 +350,12 @@ class Sender:
                 seq += 1
                 self._next_seq = seq
                 st.frames_captured += 1
-                self._ready.set()
+                ready()
         except BaseException as exc:  # surfaced by run() on the caller's thread
             self._capture_error = exc
         finally:
             self._captured_all.set()
-            self._ready.set()
+            self._ready.post()
 
     # ---- network side ---------------------------------------------------------------------------------
     def _messages(self) -> Iterator[Outgoing]:
@@ -385,7 +399,6 @@ class Sender:
                 if self._captured_all.is_set():
                     return
                 ready.wait(0.5)
-                ready.clear()
                 continue
             st.backlog = len(backlog)
             st.packets_sent += 1
@@ -464,7 +477,10 @@ class Sender:
                 self._set_state("connecting")  # later attempts stay "reconnecting", with the last reason
             link.wait_ready(self.config.connect_timeout_s)
             if self.config.clock_sync:
-                self._probe_clock(link, 8)
+                # Two exchanges before the first packet (an offset good to a round trip, so that even
+                # clocks seconds apart give sane latencies from the start); the clock thread refines it
+                # with more once the stream is open, which gets the first packet out sooner.
+                self._probe_clock(link, 2)
                 clock_thread = threading.Thread(
                     target=self._clock_loop, args=(link, done), name="tiality-clock", daemon=True
                 )
@@ -491,8 +507,10 @@ class Sender:
         best = self.clock_filter.best()
         if best is not None:
             self._clock_pending = ClockEstimate(best.offset_ns, best.round_trip_ns, self.clock_filter.count)
-            self._ready.set()
+            self._ready.post()
 
     def _clock_loop(self, link: Link, done: threading.Event) -> None:
+        if not done.wait(0.05) and not self._stop.is_set():  # the stream has opened meanwhile
+            self._probe_clock(link, 6)
         while not done.wait(self.config.clock_sync_every_s) and not self._stop.is_set():
             self._probe_clock(link, 4)

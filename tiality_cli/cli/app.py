@@ -7,9 +7,13 @@ Heavy modules (grpc, numpy, sounddevice, alsaaudio, opuslib) are imported inside
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 from typing import Annotated
 
 import typer
+from typer import _click as click
+from typer.core import TyperGroup
 
 from tiality_cli.cli.common import (
     TOKEN_HELP,
@@ -25,7 +29,7 @@ from tiality_cli.cli.common import (
     guarded,
     stop_on_signals,
 )
-from tiality_cli.cli.settings import RecvCommand, SendCommand
+from tiality_cli.cli.settings import RecvCommand, SendCommand, convert_plainly
 from tiality_cli.config import DEFAULT_APPLICATION, DEFAULT_PORT
 from tiality_cli.errors import ConfigError
 
@@ -34,12 +38,37 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 FILE_LATENCY_MS = 60.0  # recv -o file: with --latency auto: a buffer no loopback or LAN jitter exceeds
 
+
+class _RootGroup(TyperGroup):
+    """``tiality --help`` in Click's plain layout: the Rich one imports ``typer.rich_utils`` (Rich's
+    Markdown, Syntax, Columns...: about 50 ms, a quarter of the command's start-up) for a list of seven
+    commands. Each command's own ``--help``, and every error, keep the Rich layout."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --version, --help and the completion options (Typer adds them after __init__): no pydantic to
+        # convert their values (settings.convert_plainly).
+        for param in self.get_params(ctx):
+            convert_plainly(param)
+        rest: list[str] = super().parse_args(ctx, args)
+        return rest
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # As wide as the terminal (up to 120 columns, as Rich would be), so the commands' summaries fit.
+        formatter.width = max(min(shutil.get_terminal_size().columns, 120) - 2, 50)
+        mode, self.rich_markup_mode = self.rich_markup_mode, None
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.rich_markup_mode = mode
+
+
 app = typer.Typer(
+    cls=_RootGroup,
     name="tiality",
     help="Live audio from a robot's Raspberry Pi to its operator: capture, Opus, gRPC, adaptive playout.",
     epilog=(
         "Every option of send and recv can also be set by a TIALITY_<OPTION> variable or in "
-        "~/.config/tiality/tiality.toml or /etc/tiality/tiality.toml (\\[send], \\[recv]); "
+        "~/.config/tiality/tiality.toml or /etc/tiality/tiality.toml ([send], [recv]); "
         "`tiality config` shows what is in effect."
     ),
     no_args_is_help=True,
@@ -202,8 +231,9 @@ def send(
             raise ConfigError("--tls-cert and --tls-key go together (mutual TLS needs both)")
         config = SenderConfig(endpoint, codec, max_backlog, seconds, reconnect=not once, security=security)
         sender = Sender(source, config)
-        with stop_on_signals() as stop:
-            run_sender(sender, stop, json_=json_, quiet=quiet)
+        wake = threading.Event()
+        with stop_on_signals(wake) as stop:
+            run_sender(sender, stop, json_=json_, quiet=quiet, wake=wake)
 
     guarded(body)
 

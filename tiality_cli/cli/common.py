@@ -53,8 +53,11 @@ def guarded(fn: Callable[[], T]) -> T:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set the event (a clean stop with a summary), instead of raising mid-audio."""
+def stop_on_signals(wake: threading.Event | None = None) -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM set the event (a clean stop with a summary), instead of raising mid-audio.
+
+    They set ``wake`` too: the presenter's wait, so that it reacts at once without polling.
+    """
     stop = threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -62,6 +65,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
         if stop.is_set():  # a second Ctrl-C: leave now
             raise KeyboardInterrupt
         stop.set()
+        if wake is not None:
+            wake.set()
 
     for s in previous:
         signal.signal(s, handler)

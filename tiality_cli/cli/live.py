@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tiality_cli.cli.view import (
     RecvFrame,
@@ -41,10 +41,11 @@ from tiality_cli.cli.view import (
     sender_entry,
     step_volume_db,
 )
-from tiality_cli.io.base import ClockedSink
-from tiality_cli.receiver import Receiver
 from tiality_cli.sender import Sender, StateChange
-from tiality_cli.stats import StatsSnapshot
+
+if TYPE_CHECKING:  # the receiver side is imported by recv only: send starts faster without it
+    from tiality_cli.receiver import Receiver
+    from tiality_cli.stats import StatsSnapshot
 
 REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
 LOG_EVERY_S = 5.0  # plain log lines when stdout is not a terminal
@@ -153,6 +154,7 @@ def present(
     quiet: bool,
     keys: Keys | None = None,
     events: Callable[[], list[str]] | None = None,
+    wake: threading.Event | None = None,
 ) -> None:
     """Shows figures until ``finished()`` holds; ``stop`` being set (a signal, or ``q``) calls ``on_stop``
     once.
@@ -160,8 +162,14 @@ def present(
     ``table`` builds the live view (called once per refresh, on terminals), ``line`` one JSON or log line.
     ``keys`` maps characters to actions while the live view shows; ``q`` always stops. ``events`` returns
     the log lines that happened since its last call (state changes): printed at once without a terminal.
+
+    ``wake``: an event the caller sets whenever ``finished()`` or ``stop`` may have changed (the end of the
+    run, a signal). Given it, the loop sleeps from one refresh to the next (with ``quiet``, until the end);
+    without it, it looks at them every 50 ms.
     """
-    wake = threading.Event()  # a key was pressed: refresh now
+    # A key was pressed (refresh now), or the caller's wake-up.
+    slice_s = 0.05 if wake is None else math.inf
+    wake = threading.Event() if wake is None else wake
     stopped = False
 
     def poll(until: float) -> bool:
@@ -176,7 +184,7 @@ def present(
             left = until - time.monotonic()
             if left <= 0:
                 return False
-            if wake.wait(min(left, 0.05)):
+            if wake.wait(min(left, slice_s)):
                 wake.clear()
                 return finished()
 
@@ -202,7 +210,8 @@ def present(
             for text in events() if events is not None and not quiet else ():
                 print(text, flush=True)
 
-        for _ in ticks(REFRESH_S):
+        # With --quiet nothing is printed until the end: wake up only for it (or a stop), or rarely.
+        for _ in ticks(LOG_EVERY_S if quiet and slice_s > LOG_EVERY_S else REFRESH_S):
             log_events()
             if not quiet and time.monotonic() - last >= LOG_EVERY_S:
                 last = time.monotonic()
@@ -328,10 +337,29 @@ class StateLog:
         return c.state
 
 
-def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: bool) -> None:
-    """Starts the sender and presents its figures until it ends; re-raises its error."""
+def run_sender(
+    sender: Sender,
+    stop: threading.Event,
+    *,
+    json_: bool,
+    quiet: bool,
+    wake: threading.Event | None = None,
+) -> None:
+    """Starts the sender and presents its figures until it ends; re-raises its error.
+
+    ``wake``: set by whatever sets ``stop`` (``stop_on_signals(wake)``), so that the presenter sleeps
+    between refreshes instead of polling (see ``present``).
+    """
     log = StateLog()
     sender.on_state = log.add
+    ended = threading.Event()
+
+    def on_end() -> None:
+        ended.set()
+        if wake is not None:
+            wake.set()
+
+    sender.on_end = on_end
     monitor = SendMonitor(sender.config.max_backlog_ms, keys=keys_available())
 
     def fields() -> dict[str, Any]:
@@ -339,7 +367,7 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
 
     sender.start()
     present(
-        lambda: not sender.running,
+        ended.is_set,
         stop,
         on_stop=lambda: sender.stop(wait=False),
         table=lambda: send_view(monitor.frame(fields())),
@@ -347,6 +375,7 @@ def run_sender(sender: Sender, stop: threading.Event, *, json_: bool, quiet: boo
         json_=json_,
         quiet=quiet,
         events=log.lines,
+        wake=wake,
     )
     res = sender.wait()
     assert res is not None  # wait() without a timeout returns the totals or raises
@@ -405,6 +434,7 @@ def run_receiver(
     receiver: Receiver, stop: threading.Event, *, seconds: float | None, once: bool, json_: bool, quiet: bool
 ) -> None:
     """Starts the receiver and presents its figures until --seconds, --once or ``stop``; then the summary."""
+    from tiality_cli.io.base import ClockedSink
 
     receiver.start()
     sink = receiver.sink

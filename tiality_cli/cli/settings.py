@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import typer
@@ -47,6 +49,64 @@ def _wants_help(args: list[str]) -> bool:
     return any(a in ("--help", "-h") for a in args)
 
 
+# Typer (0.29) converts every option that is not a bool flag, defaults included, through a pydantic
+# TypeAdapter: importing pydantic for that costs 0.06 s of CPU, a fifth of `send`'s start-up on a Pi.
+# Values that are plainly a str, an int or a decimal number are converted here the way the adapter
+# converts them; anything else (a typo, "1e3", a value of another type) still goes to Typer's own
+# conversion, so its result and its error messages are Typer's. Typer internals: if they are not
+# there (another Typer version), every option simply keeps Typer's conversion.
+try:
+    from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
+except ImportError:  # pragma: no cover - another Typer
+    RuntimeParam = None  # type: ignore[assignment,misc]
+
+_PLAIN = {
+    bool: None,  # a flag's value is already a bool; anything else goes to Typer
+    str: None,
+    int: re.compile(r"-?[0-9]+"),
+    float: re.compile(r"-?[0-9]+(?:\.[0-9]+)?"),
+}
+
+if RuntimeParam is not None:
+
+    @dataclass(frozen=True)
+    class _PlainConversion(RuntimeParam):
+        """bool, str, int or float options: plain values converted without pydantic, the rest by Typer."""
+
+        descriptor: TypeDescriptor
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            kind = self.annotation
+            if type(value) is kind:
+                return value
+            if type(value) is str:
+                pattern = _PLAIN[kind]
+                if kind is str:
+                    return value
+                if pattern is not None and pattern.fullmatch(value):
+                    return kind(value)
+            return build_runtime_param(self.descriptor)._coerce_value(value, param, ctx)
+
+
+def convert_plainly(param: Any) -> None:
+    """Gives a bool, str, int or float option (one value, no bounds) the conversion above."""
+    desc = getattr(param, "type_descriptor", None)
+    if RuntimeParam is None or desc is None or not hasattr(param, "_runtime_param"):
+        return
+    info = desc.parameter_info
+    if (
+        desc.annotation not in _PLAIN
+        or desc.file_annotation is not None
+        or param.nargs != 1
+        or param.multiple
+        or info.parser is not None
+        or info.min is not None
+        or info.max is not None
+    ):
+        return
+    param._runtime_param = _PlainConversion(info, desc.annotation, desc)
+
+
 class ConfiguredCommand(TyperCommand):
     """A Typer command whose options also come from ``TIALITY_*`` variables and the config files.
 
@@ -67,6 +127,12 @@ class ConfiguredCommand(TyperCommand):
             if self.env_keys is None or option_key(param) in self.env_keys:
                 param.envvar = env_name(param)
                 param.show_envvar = True  # type: ignore[attr-defined]  # options and Typer arguments have it
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        for param in self.get_params(ctx):  # the options and --help, which Click adds to them here
+            convert_plainly(param)
+        rest: list[str] = super().parse_args(ctx, args)
+        return rest
 
     def config_keys(self) -> dict[str, Any]:
         """Config key -> parameter, for every option of the command."""

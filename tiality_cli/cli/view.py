@@ -27,15 +27,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rich import box
-from rich.console import Console, ConsoleOptions
-from rich.markup import escape
-from rich.segment import Segment
-from rich.table import Table
-
 from tiality_cli.stats import SILENCE_DBFS, StatsSnapshot
 
+# Rich is imported where a view is drawn, not here: ``send -q`` and ``--json`` print plain lines and
+# start faster without it (docs/performance.md, start-up).
 if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions
+    from rich.segment import Segment
+    from rich.table import Table
+
     from tiality_cli.receiver import SessionView
 
 Frag = tuple[str, str]  # a run of text and its Rich style ("" for none)
@@ -185,6 +185,8 @@ def level_meter(level_dbfs: float, peak_dbfs: float | None = None, width: int = 
 
 def markup(line: Line) -> str:
     """A screen line as Rich console markup, for what takes a string (a progress bar's column)."""
+    from rich.markup import escape
+
     return "".join(f"[{style}]{escape(text)}[/]" if style else escape(text) for text, style in line)
 
 
@@ -408,6 +410,8 @@ class Screen:
         self.lines = lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Segment]:
+        from rich.segment import Segment
+
         style = console.get_style
         for line in self.lines(options.max_width):
             for text, name in line:
@@ -524,6 +528,9 @@ def recv_summary(
 ) -> Table:
     """The final table: totals, loss and concealment rates, latency percentiles."""
     exp, rcv, played = loss_base(s)
+    from rich import box
+    from rich.table import Table
+
     t = Table(title=title, show_header=False, box=box.SIMPLE, padding=(0, 1), title_justify="left")
     t.add_column(style="bold cyan", no_wrap=True)
     t.add_column(no_wrap=True)
@@ -714,6 +721,9 @@ def send_view(f: SendFrame) -> Screen:
 def send_summary(fields: Mapping[str, Any], title: str = "tiality send: summary") -> Table:
     """The final table: what was sent and what the receiver says it got."""
     d = fields
+    from rich import box
+    from rich.table import Table
+
     t = Table(title=title, show_header=False, box=box.SIMPLE, padding=(0, 1), title_justify="left")
     t.add_column(style="bold cyan", no_wrap=True)
     t.add_column(no_wrap=True)

@@ -14,6 +14,7 @@ keeps only the blocks for which it returned True, so a file holds exactly the st
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,11 @@ class Pacer:
         self._start_mono = 0
         self._start_wall = 0
         self.k = 0
-        self._stop = threading.Event()
+        # Held until stop() releases it: a wait on it is one C call (threading.Event.wait is a Python
+        # Condition that allocates a lock per call), and a released lock stays released for later waits.
+        self._stop = threading.Lock()
+        self._stop.acquire()
+        self._stopped = False
 
     def start(self) -> None:
         self._start_mono = self._clock.monotonic_ns()
@@ -91,16 +96,22 @@ class Pacer:
         """Blocks until the next frame is due; returns its first sample's wall time, None if stopped."""
         due = self._start_mono + (self.k + 1) * self._frame_ns
         delay = due - self._clock.monotonic_ns()
-        if delay > 0 and self._stop.wait(delay / 1e9):
+        if delay > 0 and self._stop.acquire(timeout=delay / 1e9):
+            self._release()  # stopped: keep it released for every later wait
             return None
-        if self._stop.is_set():
+        if self._stopped:
             return None
         t = self._start_wall + self.k * self._frame_ns
         self.k += 1
         return t
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped = True
+        self._release()
+
+    def _release(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already released (stop() twice, or by the waiter)
+            self._stop.release()
 
 
 class Sink(Protocol):

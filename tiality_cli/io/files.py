@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import numpy.typing as npt
@@ -12,9 +13,26 @@ from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError, SourceError
 from tiality_cli.io.base import ClockedSink, Pacer
 
+TONE_TABLE_MAX_S = 1.0  # a tone whose whole periods fill at most this much audio plays from a table
+
+
+def whole_period_samples(freq: float, rate: int, limit: int) -> int | None:
+    """The fewest samples that hold whole periods of ``freq`` at ``rate`` (440 Hz at 48 kHz: 1200, 11
+    periods), or None when that exceeds ``limit`` (or ``freq`` is no simple fraction)."""
+    f = Fraction(freq).limit_denominator(1000)
+    if float(f) != freq:
+        return None
+    n = (f / rate).denominator
+    return n if n <= limit else None
+
 
 class ToneSource:
-    """A sine wave, phase-continuous across frames, paced in real time."""
+    """A sine wave, phase-continuous across frames, paced in real time.
+
+    Sample k is ``int(amp * sin(2 pi freq k / rate))`` on every channel. When a whole number of
+    periods fits in a second or less (any integer frequency) the samples come from a table of them,
+    computed once, and each frame is one slice copy; otherwise each frame is computed as it is read.
+    """
 
     def __init__(
         self, freq: float, fmt: AudioFormat, level_dbfs: float = -12.0, clock: Clock = SYSTEM_CLOCK
@@ -33,6 +51,14 @@ class ToneSource:
         self._ramp = np.arange(n, dtype=np.float64) * self._phase_step
         self._buf = np.empty(n, dtype=np.float64)
         self._phase = 0.0
+        self._pos = 0  # the next sample's index in the table
+        self._period = whole_period_samples(freq, fmt.sample_rate, round(TONE_TABLE_MAX_S * fmt.sample_rate))
+        self._table: npt.NDArray[np.int16] | None = None
+        if self._period is not None:
+            # One period plus a frame, so that every frame is one contiguous slice.
+            k = np.arange(self._period + n, dtype=np.float64) % self._period
+            wave = np.sin(k * (2 * math.pi * freq / fmt.sample_rate)) * self._amp
+            self._table = np.repeat(wave.astype(np.int16)[:, None], fmt.channels, axis=1)
 
     def open(self) -> None:
         self._pacer.start()
@@ -41,6 +67,12 @@ class ToneSource:
         t = self._pacer.wait_next()
         if t is None:
             return None
+        table = self._table
+        if table is not None and self._period is not None:
+            n = len(out)
+            out[:] = table[self._pos : self._pos + n]
+            self._pos = (self._pos + n) % self._period
+            return t
         np.add(self._ramp, self._phase, out=self._buf)
         np.sin(self._buf, out=self._buf)
         self._buf *= self._amp

@@ -15,8 +15,7 @@ from tiality_cli.link import Outgoing, StreamTotals
 from tiality_cli.net._proto import tiality_pb2 as pb
 from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.net.security import channel_credentials, token_metadata
-from tiality_cli.net.server import MAX_MESSAGE_BYTES
-from tiality_cli.net.wire import message, totals_from_pb
+from tiality_cli.net.wire import MAX_MESSAGE_BYTES, message, totals_from_pb
 
 # Keepalive: a dead Wi-Fi link is noticed within ~15 s instead of the TCP default of hours.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [

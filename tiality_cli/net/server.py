@@ -22,11 +22,14 @@ from tiality_cli.link import Acceptor
 from tiality_cli.net._proto import tiality_pb2 as pb
 from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.net.security import TokenCheck, server_credentials
-from tiality_cli.net.wire import SERVICE_NAME, estimate_from_pb, info_from_pb, totals_to_pb
+from tiality_cli.net.wire import (
+    MAX_MESSAGE_BYTES,
+    SERVICE_NAME,
+    estimate_from_pb,
+    info_from_pb,
+    totals_to_pb,
+)
 
-# A 60 ms stereo Opus packet at 510 kbit/s is under 4 kB; 64 KiB leaves room and bounds what a
-# hostile peer can make the receiver allocate per message.
-MAX_MESSAGE_BYTES = 64 * 1024
 FLOW_WINDOW_BYTES = 4096  # ~0.5 s at 64 kbit/s; still ~20x the bandwidth-delay product of Wi-Fi
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [

@@ -13,6 +13,10 @@ from tiality_cli.net._proto import tiality_pb2 as pb
 from tiality_cli.seq import SEQ_MASK
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AudioStream"].full_name  # "tiality.v1.AudioStream"
+# A 60 ms stereo Opus packet at 510 kbit/s is under 4 kB; 64 KiB leaves room and bounds what a
+# hostile peer can make the receiver allocate per message. (Here, not in server.py: a sender does
+# not import the server.)
+MAX_MESSAGE_BYTES = 64 * 1024
 
 
 def info_from_pb(f: pb.StreamFormat) -> StreamInfo:
