@@ -112,7 +112,7 @@ def _main(
         "  tiality send 127.0.0.1:50052 -i file:speech.wav\n\n"
         "  tiality send 127.0.0.1:50052 -i tone://440 --seconds 5 --frame-ms 10 --bitrate 32\n\n"
         "  tiality send gui-host -i alsa://hw:1,0 --capture-channels 4 --channel-map 0,1\n\n"
-        "  TIALITY_TARGET=gui-host:50052 TIALITY_FRAME_MS=10 tiality send   # or [send] in tiality.toml"
+        "  TIALITY_TARGET=gui-host:50052 TIALITY_FRAME_MS=10 tiality send   # or \\[send] in tiality.toml"
     ),
 )
 def send(
@@ -262,7 +262,7 @@ def _default_output() -> str:
         "  tiality recv -o null:// --json                   # figures only, JSON lines\n\n"
         "  tiality recv --once -o file:one-stream.wav       # exit when the first stream ends\n\n"
         "  tiality recv --record session.opus               # keep the received packets (Ogg Opus)\n\n"
-        "  TIALITY_PORT=50060 tiality recv                  # or [recv] port = 50060 in tiality.toml"
+        "  TIALITY_PORT=50060 tiality recv                  # or \\[recv] port = 50060 in tiality.toml"
     ),
 )
 def recv(
