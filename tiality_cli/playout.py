@@ -234,9 +234,9 @@ class StreamPlayout:
         # primed with the audio already written, so that the switch is seamless (see _engage).
         self._resampling = False
         if cfg.drift_compensation:
-            import samplerate
+            from tiality_cli.resample import Resampler
 
-            self._resampler = samplerate.Resampler(cfg.resampler, channels=channels)
+            self._resampler = Resampler(cfg.resampler, channels, self._frame.shape[0])
         # Positions on the output timeline, in samples since the start.
         self._handed = 0  # handed to the sink
         self._due = 0.0  # where the next decoded sample comes out (those still in the resampler count)
@@ -534,9 +534,8 @@ class StreamPlayout:
             ratio = self.control.ratio
             if self._resampling or ratio != 1.0:
                 skip = 0 if self._resampling else self._engage()
-                y = self._resampler.process(f, ratio, end_of_input=False)
-                y = np.asarray(y, dtype=np.float32).reshape(-1, self.output.channels)
-                self._fifo_write(y[skip:] if skip else y)
+                m = self._resampler.process(f, ratio)
+                self._fifo_write(self._resampler.output[skip:m])
             else:
                 self._fifo_write(f)
             self._due += len(f) * ratio
@@ -560,8 +559,7 @@ class StreamPlayout:
         history = self._fifo[max(0, self._tail - PRIME) : self._tail]
         if not len(history):
             return 0
-        y = self._resampler.process(history, 1.0, end_of_input=False)
-        return len(history) - len(y) + LAG.get(self.config.resampler, 0)
+        return len(history) - self._resampler.process(history, 1.0) + LAG.get(self.config.resampler, 0)
 
     def _fifo_write(self, y: F32) -> None:
         m = len(y)
