@@ -42,7 +42,7 @@ from tiality_cli.cli.view import (
     step_volume_db,
 )
 from tiality_cli.io.base import ClockedSink
-from tiality_cli.receiver import Receiver
+from tiality_cli.receiver import Receiver, ReceiverEvent
 from tiality_cli.sender import Sender, StateChange
 from tiality_cli.stats import StatsSnapshot
 
@@ -382,6 +382,9 @@ def receiver_fields(receiver: Receiver, snap: StatsSnapshot, played_s: float) ->
         "volume_db": round(receiver.volume_db, 1),
         "muted": receiver.muted,
         "streams_started": receiver.streams_started,
+        "load_pct": None if receiver.load_pct is None else round(receiver.load_pct, 1),
+        "capacity": receiver.capacity,
+        "overloaded": receiver.overloaded,
     }
 
 
@@ -406,6 +409,15 @@ def run_receiver(
 ) -> None:
     """Starts the receiver and presents its figures until --seconds, --once or ``stop``; then the summary."""
 
+    def warn(event: ReceiverEvent) -> None:
+        """An overload, on stderr whatever the output mode: the figures go on, worse, until it ends."""
+        if event.kind == "overload":
+            text = f"tiality recv: warning: {event.detail}; new senders are refused"
+            print(text, file=sys.stderr, flush=True)
+        elif event.kind == "overload_ended":
+            print(f"tiality recv: overload ended: {event.detail}", file=sys.stderr, flush=True)
+
+    receiver.subscribe(warn)
     receiver.start()
     sink = receiver.sink
     # Always on stderr (also with --json): scripts read the bound port here when they pass --port 0.
