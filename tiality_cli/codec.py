@@ -21,13 +21,6 @@ from opuslib.api import c_int16_pointer as _c_int16_p
 from tiality_cli.config import OPUS_RATES, AudioFormat, CodecConfig
 from tiality_cli.errors import ConfigError, CorruptPacketError
 
-# opus_decode bound through ctypes.PyDLL: the call keeps the GIL. A 20 ms frame decodes in ~25 us; releasing
-# the GIL for that long gains nothing, and getting it back can cost the sink's thread milliseconds when
-# a receiver's gRPC threads are queueing for it (issue 11: at 64 streams a quarter of its time).
-_decode_gil = ctypes.PyDLL(opuslib.api.lib_location).opus_decode
-_decode_gil.argtypes = _dec.libopus_decode.argtypes
-_decode_gil.restype = ctypes.c_int
-
 MAX_PACKET_BYTES = 1500  # RFC 6716 allows up to 1275 bytes per frame; 1500 covers 120 ms at 510 kbit/s / 3
 _APPLICATIONS = {"voip": 2048, "audio": 2049, "restricted-lowdelay": 2051}
 
@@ -108,21 +101,21 @@ class OpusDecoder:
 
     def decode(self, payload: bytes) -> int:
         """Decodes one packet into ``output``; returns samples per channel. Raises CorruptPacketError."""
-        n = _decode_gil(self._state, payload, len(payload), self._out_ptr, self._capacity, 0)
+        n = _dec.libopus_decode(self._state, payload, len(payload), self._out_ptr, self._capacity, 0)
         if n < 0:
             raise CorruptPacketError(f"undecodable Opus packet ({len(payload)} bytes): {_opus_text(n)}")
         return int(n)
 
     def conceal(self, samples: int) -> int:
         """Packet-loss concealment for ``samples`` per channel (a multiple of 2.5 ms)."""
-        n = _decode_gil(self._state, None, 0, self._out_ptr, samples, 0)
+        n = _dec.libopus_decode(self._state, None, 0, self._out_ptr, samples, 0)
         if n < 0:
             raise RuntimeError(f"Opus PLC failed: {_opus_text(n)}")
         return int(n)
 
     def decode_fec(self, next_payload: bytes, samples: int) -> int:
         """Rebuilds a lost frame of ``samples`` from the in-band FEC of the packet after it."""
-        n = _decode_gil(self._state, next_payload, len(next_payload), self._out_ptr, samples, 1)
+        n = _dec.libopus_decode(self._state, next_payload, len(next_payload), self._out_ptr, samples, 1)
         if n < 0:
             raise CorruptPacketError(f"undecodable Opus FEC ({len(next_payload)} bytes): {_opus_text(n)}")
         return int(n)
