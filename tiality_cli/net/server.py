@@ -22,6 +22,7 @@ from concurrent import futures
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tiality_cli.config import ServerSecurity
 from tiality_cli.errors import AddressInUseError, BusyError, ConfigError, RejectedError
@@ -58,6 +59,7 @@ _SERVED: weakref.WeakKeyDictionary[grpc.Server, _Servicer] = weakref.WeakKeyDict
 _SERVED_LOCK = threading.Lock()
 RefusalHook = Callable[[str, str], None]  # (peer, reason): a stream refused before it reached the acceptor
 STOPPED = "the receiver has stopped"
+UNDECODABLE = "Exception deserializing request!"  # what a synchronous server answers to such a message
 
 
 class _Servicer(pb_grpc.AudioStreamServicer):
@@ -242,6 +244,8 @@ class _AioServicer(pb_grpc.AudioStreamServicer):
             first = await context.read()
         except asyncio.CancelledError:  # close(): the receiver is stopping
             await context.abort(grpc.StatusCode.CANCELLED, STOPPED)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE)
         except Exception:  # the sender gone before it said anything
             return pb.StreamSummary()
         if first is eof:
@@ -258,12 +262,15 @@ class _AioServicer(pb_grpc.AudioStreamServicer):
         except (ConfigError, RejectedError) as exc:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         packet, clock = handler.packet, handler.clock
-        stopped = False
+        ended: tuple[grpc.StatusCode, str] | None = None  # how the call ends, if not with the totals
         while True:
             try:
                 msg = await context.read()
             except asyncio.CancelledError:  # close(): the receiver is stopping
-                stopped = True
+                ended = (grpc.StatusCode.CANCELLED, STOPPED)
+                break
+            except DecodeError:  # not a message: what came before it plays, the call fails
+                ended = (grpc.StatusCode.INTERNAL, UNDECODABLE)
                 break
             except Exception:  # the sender vanished mid-stream (reset): play what arrived
                 break
@@ -282,8 +289,8 @@ class _AioServicer(pb_grpc.AudioStreamServicer):
         # has released its streams already, and the call ends as cancelled (as a synchronous server's
         # cancel() ends it) rather than waiting for the server's grace period.
         totals = await asyncio.get_running_loop().run_in_executor(None, handler.close)
-        if stopped:
-            await context.abort(grpc.StatusCode.CANCELLED, STOPPED)
+        if ended is not None:
+            await context.abort(*ended)
         return totals_to_pb(totals)
 
     def close(self, timeout_s: float, generation: int) -> bool:
