@@ -59,7 +59,8 @@ EVENT_KINDS = (
     "overload_ended",
 )
 LOAD_WINDOW_S = 1.0  # the mixer's load is measured over this much audio
-LOAD_CLEAR = 0.9  # an overload ends when the load falls below this share of the limit
+LOAD_CLEAR = 0.9  # an overload ends when the load stays below this share of the limit...
+LOAD_CALM = 5  # ... for this many windows in a row (a load hovering at the limit warns once)
 
 log = logging.getLogger("tiality")
 
@@ -419,6 +420,7 @@ class Receiver:
         self._load: float | None = None  # the last window's load (1.0: all of real time)
         self._load_mean_streams = 0.0
         self._overloaded = False
+        self._calm = 0  # windows in a row below the overload's end
         self._alloc(4096, 2)
         # The output timeline: mixer sample position -> monotonic time it was pulled (fitted from below).
         self._pos = 0
@@ -727,18 +729,22 @@ class Receiver:
     def _measure_load(self) -> None:
         """Closes a load window (the sink's thread, once a second): the share of real time fill() took,
         GIL waits and preemption included (what decides whether the output keeps up), and the overload
-        events when it crosses the limit (back below 90 % of it: ended)."""
+        events when it crosses the limit (ended: below 90 % of it for 5 s)."""
         audio_ns = self._load_samples * 1e9 / self._out_rate
         load = self._busy_ns / audio_ns
         self._load, self._load_mean_streams = load, self._load_streams / self._load_samples
         self._busy_ns = self._load_samples = self._load_streams = 0
         limit = self.config.max_load_pct / 100
-        if load > limit and not self._overloaded:
-            self._overloaded = True
-            self._emit("overload", detail=self.overload_text())
-        elif self._overloaded and load < limit * LOAD_CLEAR:
-            self._overloaded = False
-            self._emit("overload_ended", detail=f"mixing takes {load * 100:.0f} % of real time")
+        if load > limit:
+            self._calm = 0
+            if not self._overloaded:
+                self._overloaded = True
+                self._emit("overload", detail=self.overload_text())
+        elif self._overloaded:
+            self._calm = self._calm + 1 if load < limit * LOAD_CLEAR else 0
+            if self._calm >= LOAD_CALM:
+                self._overloaded = False
+                self._emit("overload_ended", detail=f"mixing takes {load * 100:.0f} % of real time")
 
     @property
     def load_pct(self) -> float | None:
