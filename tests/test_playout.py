@@ -920,3 +920,35 @@ def test_sender_300_ppm_fast_for_ten_minutes() -> None:
     assert (st.late, st.lost, st.skipped, st.inserted) == (0, 0, 0, 0)
     assert np.abs(rx.trace.error(1.0)).max() < 3.0
     assert np.abs(rx.trace.drift(60.0) - 300.0).max() < 10.0
+
+
+# ---- the resampler's bypass (issue 11) ---------------------------------------------------------------
+
+
+def test_resampler_is_bypassed_at_ratio_one_and_engages_seamlessly() -> None:
+    """At ratio 1 the decoded samples go out exact (no converter: it would cost twice the decode); the
+    first other ratio engages the converter, primed with what was written, so a continuous 7 kHz sine
+    stays continuous across the switch: its largest second difference is the ideal sine's."""
+    pb = StreamPlayout(STEREO_48K, STEREO_48K, PlayoutConfig(), ManualClock(start_ns=T0))
+    n = STEREO_48K.frame_samples
+    t = np.arange(12 * n) / 48_000
+    sine = (0.5 * np.sin(2 * np.pi * 7000 * t)).astype(np.float32)
+    out = []
+    for k in range(12):
+        if k == 6:
+            pb.control.steer = 2e-4  # as the phase term sets it, once B leaves the dead band
+        pb.decoder.output[:n] = np.round(sine[k * n : (k + 1) * n] * 32768)[:, None].astype(np.int16)
+        pb._append(n)
+        out.append(pb._fifo[pb._head : pb._tail, 0].copy())
+        pb._head = pb._tail
+        if k == 5:
+            assert not pb._resampling
+            exact = np.concatenate(out)
+            assert np.array_equal(exact, np.round(sine[: 6 * n] * 32768) / 32768)
+    assert pb._resampling
+    y = np.concatenate(out)
+    ideal = float(np.abs(np.diff(sine, 2)).max())
+    join = float(np.abs(np.diff(y[6 * n - 40 : 6 * n + 40], 2)).max())
+    assert join <= ideal * 1.01 + 2 / 32768
+    # About 1 / 1.0002 as many samples out from the switch on (the converter keeps ~20 back).
+    assert abs(len(y) - 6 * n - 6 * n / 1.0002) <= 40

@@ -44,6 +44,7 @@ TYPES: dict[str, Callable[[Any], bool]] = {
     "integer": _integer,
     "number": _number,
     "number or null": lambda v: v is None or _number(v),
+    "integer or null": lambda v: v is None or _integer(v),
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
     "list of sender entries": lambda v: isinstance(v, list),

@@ -88,6 +88,10 @@ from tiality_cli.stats import ReceiverStats, frame_levels
 F32 = npt.NDArray[np.float32]
 QUIET = 328  # int16 peak below -40 dBFS: a slice this quiet is dropped unheard
 MARKS = 64  # latency markers in flight (decoded frames in the FIFO): far more than a pull ever needs
+PRIME = 256  # samples of history the resampler is primed with when it engages (its filter needs ~20)
+# Output samples by which a libsamplerate converter lags its input (the sinc ones hold samples back
+# instead: those are counted when it engages; see StreamPlayout._engage).
+LAG = {"linear": 1, "zero_order_hold": 1}
 CAPTURE_LIMIT = 2**63  # capture times are kept in int64: one beyond it (a hostile clock) counts as unknown
 
 
@@ -224,10 +228,15 @@ class StreamPlayout:
         self._spliced = np.zeros_like(self._frame)  # a frame with a slice cut out
         self._fade = ((np.arange(self._slice, dtype=np.float32) + 0.5) / self._slice)[:, None]
         self._resampler = None
+        # The resampler is bypassed while the ratio is exactly 1 (no drift estimate, B inside the dead
+        # band: the timeline is exact) and the stream has never been resampled: at ratio 1 it would only
+        # cost (sinc_fastest: twice the Opus decode). The first ratio other than 1 engages it for good,
+        # primed with the audio already written, so that the switch is seamless (see _engage).
+        self._resampling = False
         if cfg.drift_compensation:
-            import samplerate
+            from tiality_cli.resample import Resampler
 
-            self._resampler = samplerate.Resampler(cfg.resampler, channels=channels)
+            self._resampler = Resampler(cfg.resampler, channels, self._frame.shape[0])
         # Positions on the output timeline, in samples since the start.
         self._handed = 0  # handed to the sink
         self._due = 0.0  # where the next decoded sample comes out (those still in the resampler count)
@@ -523,13 +532,34 @@ class StreamPlayout:
             self._mark_write += 1
         if self._resampler is not None:
             ratio = self.control.ratio
-            y = self._resampler.process(f, ratio, end_of_input=False)
-            self._fifo_write(np.asarray(y, dtype=np.float32).reshape(-1, self.output.channels))
+            if self._resampling or ratio != 1.0:
+                skip = 0 if self._resampling else self._engage()
+                m = self._resampler.process(f, ratio)
+                self._fifo_write(self._resampler.output[skip:m])
+            else:
+                self._fifo_write(f)
             self._due += len(f) * ratio
             self.control.resampled(len(f), ratio)
         else:
             self._fifo_write(f)
             self._due += len(f)
+
+    def _engage(self) -> int:
+        """Starts resampling after a stretch of exact samples; returns how many samples of its next output
+        repeat audio already written (to be dropped).
+
+        The resampler is reset and fed the last samples written, at ratio 1, so that its filter holds the
+        signal's history instead of silence; what it outputs for them is discarded, and what it keeps back
+        (a sinc filter's half length; linear and zero-order hold lag by one sample instead) comes out again
+        at the head of the next call: that many samples go.
+        """
+        assert self._resampler is not None
+        self._resampling = True
+        self._resampler.reset()
+        history = self._fifo[max(0, self._tail - PRIME) : self._tail]
+        if not len(history):
+            return 0
+        return len(history) - self._resampler.process(history, 1.0) + LAG.get(self.config.resampler, 0)
 
     def _fifo_write(self, y: F32) -> None:
         m = len(y)

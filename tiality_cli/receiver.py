@@ -50,7 +50,17 @@ MAX_GAIN_DB = 24.0  # volume and per-sender gain ceiling
 SILENT_DB = -120.0  # at or below: silence (0.0 linear)
 METER_FALL_DB_PER_S = 20.0  # the output level meter's peak hold falls this fast
 TIMELINE_WINDOW_S = 0.5  # how much pulled audio the output timeline (A/V sync) is fitted over
-EVENT_KINDS = ("stream_started", "stream_ended", "output_error", "sender_refused")
+EVENT_KINDS = (
+    "stream_started",
+    "stream_ended",
+    "output_error",
+    "sender_refused",
+    "overload",
+    "overload_ended",
+)
+LOAD_WINDOW_S = 1.0  # the mixer's load is measured over this much audio
+LOAD_CLEAR = 0.9  # an overload ends when the load stays below this share of the limit...
+LOAD_CALM = 5  # ... for this many windows in a row (a load hovering at the limit warns once)
 
 log = logging.getLogger("tiality")
 
@@ -69,6 +79,9 @@ class ReceiverConfig:
     output_rate: int | None = None
     output_channels: int | None = None
     ramp_ms: float = 10.0  # volume, gain, mute and solo changes fade over this long: no click
+    # The share of real time the mixer (decoding, resampling, mixing every stream) may take: beyond it the
+    # receiver reports an overload, and refuses new senders once as many as it can carry are playing.
+    max_load_pct: float = 80.0
 
     def validate(self) -> ReceiverConfig:
         """Raises ConfigError naming the option, for library callers as for the CLI."""
@@ -87,6 +100,8 @@ class ReceiverConfig:
             raise ConfigError(f"output channels {self.output_channels}: must be 1 or 2")
         if not 1.0 <= self.ramp_ms <= 50.0:
             raise ConfigError(f"ramp {self.ramp_ms:g} ms: must be 1 to 50 ms")
+        if not 0.0 < self.max_load_pct <= 100.0:
+            raise ConfigError(f"--max-load {self.max_load_pct:g}: must be above 0 and at most 100 (%)")
         return self
 
     @property
@@ -108,8 +123,8 @@ def gain_from_db(db: float, what: str = "gain") -> float:
 class ReceiverEvent:
     """Something that happened to the receiver, delivered to subscribers in order, off the audio thread."""
 
-    kind: str  # stream_started, stream_ended, output_error, sender_refused
-    session_id: int  # the sender's session (0 for output_error and sender_refused)
+    kind: str  # stream_started, stream_ended, output_error, sender_refused, overload, overload_ended
+    session_id: int  # the sender's session (0 for output_error, sender_refused and the overload events)
     time_ns: int  # receiver wall clock
     peer: str = ""  # gRPC peer, e.g. 'ipv4:192.168.1.20:51234'
     name: str = ""  # what the sender calls itself
@@ -398,6 +413,14 @@ class Receiver:
         self._chunk = 240  # the most a session is pulled at once (5 ms, as a device's period)
         self._master = _Fader(480)
         self._meter = 0.0  # output peak hold (1.0 = full scale)
+        # The mixer's load: wall time spent in fill() over the audio it produced (see _measure_load).
+        self._busy_ns = 0
+        self._load_samples = 0
+        self._load_streams = 0  # sessions x samples, for the mean number of streams over the window
+        self._load: float | None = None  # the last window's load (1.0: all of real time)
+        self._load_mean_streams = 0.0
+        self._overloaded = False
+        self._calm = 0  # windows in a row below the overload's end
         self._alloc(4096, 2)
         # The output timeline: mixer sample position -> monotonic time it was pulled (fitted from below).
         self._pos = 0
@@ -648,6 +671,7 @@ class Receiver:
         if not self._running or n == 0:
             out[:] = 0
             return False
+        t0 = time.perf_counter_ns()
         if out.ndim != 2 or out.shape[1] != self._acc.shape[1]:
             raise ValueError(f"fill: expected an (n, {self._acc.shape[1]}) buffer, got {out.shape}")
         self._track_timeline(n)
@@ -695,7 +719,63 @@ class Receiver:
         if playing and self._wav_rec is not None:
             self._wav_rec.push(pcm)
         self._fills += 1
+        self._busy_ns += time.perf_counter_ns() - t0
+        self._load_samples += n
+        self._load_streams += len(sessions) * n
+        if self._load_samples >= LOAD_WINDOW_S * self._out_rate:
+            self._measure_load()
         return playing
+
+    def _measure_load(self) -> None:
+        """Closes a load window (the sink's thread, once a second): the share of real time fill() took,
+        GIL waits and preemption included (what decides whether the output keeps up), and the overload
+        events when it crosses the limit (ended: below 90 % of it for 5 s)."""
+        audio_ns = self._load_samples * 1e9 / self._out_rate
+        load = self._busy_ns / audio_ns
+        self._load, self._load_mean_streams = load, self._load_streams / self._load_samples
+        self._busy_ns = self._load_samples = self._load_streams = 0
+        limit = self.config.max_load_pct / 100
+        if load > limit:
+            self._calm = 0
+            if not self._overloaded:
+                self._overloaded = True
+                self._emit("overload", detail=self.overload_text())
+        elif self._overloaded:
+            self._calm = self._calm + 1 if load < limit * LOAD_CLEAR else 0
+            if self._calm >= LOAD_CALM:
+                self._overloaded = False
+                self._emit("overload_ended", detail=f"mixing takes {load * 100:.0f} % of real time")
+
+    @property
+    def load_pct(self) -> float | None:
+        """The share of real time the mixer took over the last second (decoding, resampling and mixing every
+        stream; above 100 it cannot keep up), or None before its first second."""
+        return None if self._load is None else self._load * 100
+
+    @property
+    def capacity(self) -> int | None:
+        """How many senders the mixer can carry within ``max_load_pct``, from its last second's load and
+        the senders it mixed then; None until it has measured some."""
+        load, streams = self._load, self._load_mean_streams
+        if load is None or streams < 0.5 or load <= 0:
+            return None
+        return int(streams * self.config.max_load_pct / 100 / load)
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the mixer's load is over ``max_load_pct`` (since an ``overload`` event)."""
+        return self._overloaded
+
+    def overload_text(self) -> str:
+        """One line: the load, the limit, what the receiver carries (for the event, the refusal, the CLI)."""
+        load, cap, limit = self.load_pct or 0.0, self.capacity, self.config.max_load_pct
+        streams = round(self._load_mean_streams)
+        state = "overloaded" if load > limit else "at capacity"
+        carry = f"; it carries about {cap}" if cap is not None else ""
+        return (
+            f"receiver {state}: mixing {streams} sender{'s' if streams != 1 else ''} takes {load:.0f} % "
+            f"of real time (limit {limit:g} %, --max-load){carry}"
+        )
 
     def _pull_burst(self, playout: StreamPlayout, buf: F32, chunk: int, delay_ns: int) -> bool:
         """Pulls a large block as a burst of device-sized pulls, each stamped with the time its samples
@@ -764,6 +844,10 @@ class Receiver:
                 raise BusyError(
                     f"receiver busy: it takes {n} sender{'s' if n != 1 else ''} at a time (--max-senders)"
                 )
+            cap = self.capacity
+            if cap is not None and self._sessions and len(self._sessions) >= cap:
+                # Beyond what it can mix in real time: a new sender would degrade every stream.
+                raise BusyError(f"{self.overload_text()}: no more senders for now")
             if not self._sink_started:
                 self._start_sink(self.config.output_format or fmt)
             out = self.sink.format or fmt

@@ -303,6 +303,14 @@ def recv(
     ] = None,
     max_senders: Annotated[int, typer.Option(help="Senders played at once (mixed); more are refused.")] = 8,
     exclusive: Annotated[bool, typer.Option(help="One sender at a time (--max-senders 1).")] = False,
+    max_load: Annotated[
+        float,
+        typer.Option(
+            help="Share of real time (%) mixing may take: beyond it recv warns, and refuses new senders "
+            "once it carries as many as it can.",
+            metavar="PCT",
+        ),
+    ] = 80.0,
     token: Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)] = None,
     token_file: Annotated[str | None, typer.Option(help="Read the token from this file.")] = None,
     tls_cert: Annotated[str | None, typer.Option(help="Certificate (PEM) to serve TLS with.")] = None,
@@ -369,6 +377,7 @@ def recv(
             max_senders=1 if exclusive else max_senders,
             security=security,
             record=record,
+            max_load_pct=max_load,
         )
         receiver = Receiver(sink, config)
         with stop_on_signals() as stop:

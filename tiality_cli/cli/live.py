@@ -44,7 +44,7 @@ from tiality_cli.cli.view import (
 from tiality_cli.sender import Sender, StateChange
 
 if TYPE_CHECKING:  # the receiver side is imported by recv only: send starts faster without it
-    from tiality_cli.receiver import Receiver
+    from tiality_cli.receiver import Receiver, ReceiverEvent
     from tiality_cli.stats import StatsSnapshot
 
 REFRESH_S = 0.25  # the live view's period (4 Hz): smooth enough for a level meter, cheap to render
@@ -411,6 +411,9 @@ def receiver_fields(receiver: Receiver, snap: StatsSnapshot, played_s: float) ->
         "volume_db": round(receiver.volume_db, 1),
         "muted": receiver.muted,
         "streams_started": receiver.streams_started,
+        "load_pct": None if receiver.load_pct is None else round(receiver.load_pct, 1),
+        "capacity": receiver.capacity,
+        "overloaded": receiver.overloaded,
     }
 
 
@@ -436,6 +439,15 @@ def run_receiver(
     """Starts the receiver and presents its figures until --seconds, --once or ``stop``; then the summary."""
     from tiality_cli.io.base import ClockedSink
 
+    def warn(event: ReceiverEvent) -> None:
+        """An overload, on stderr whatever the output mode: the figures go on, worse, until it ends."""
+        if event.kind == "overload":
+            text = f"tiality recv: warning: {event.detail}; new senders are refused"
+            print(text, file=sys.stderr, flush=True)
+        elif event.kind == "overload_ended":
+            print(f"tiality recv: overload ended: {event.detail}", file=sys.stderr, flush=True)
+
+    receiver.subscribe(warn)
     receiver.start()
     sink = receiver.sink
     # Always on stderr (also with --json): scripts read the bound port here when they pass --port 0.

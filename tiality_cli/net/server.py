@@ -3,10 +3,17 @@
 Standard tools can probe a receiver: ``grpc_health_probe -addr=HOST:50052`` or
 ``grpcurl -plaintext HOST:50052 list``. The servicer is thin: it turns messages into calls on the
 receiver's StreamHandler (tiality_cli.link) and the handler's refusals into status codes.
+
+A receiver's own server (AudioServer) is a ``grpc.aio`` server: every stream is a coroutine on one
+event-loop thread, so 64 senders cost one thread taking the GIL, not 64 workers and a poller waking for
+each packet (issue 11: those took a third of a core and left the sink's thread queueing for the GIL).
+``add_audio_service`` adds the same service to an application's synchronous ``grpc.Server`` instead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 import weakref
@@ -15,6 +22,7 @@ from concurrent import futures
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tiality_cli.config import ServerSecurity
 from tiality_cli.errors import AddressInUseError, BusyError, ConfigError, RejectedError
@@ -54,6 +62,7 @@ _SERVED: weakref.WeakKeyDictionary[grpc.Server, _Servicer] = weakref.WeakKeyDict
 _SERVED_LOCK = threading.Lock()
 RefusalHook = Callable[[str, str], None]  # (peer, reason): a stream refused before it reached the acceptor
 STOPPED = "the receiver has stopped"
+UNDECODABLE = "Exception deserializing request!"  # what a synchronous server answers to such a message
 
 
 class _Servicer(pb_grpc.AudioStreamServicer):
@@ -163,20 +172,159 @@ class _Servicer(pb_grpc.AudioStreamServicer):
     def close(self, timeout_s: float, generation: int) -> bool:
         """Refuses new calls, cancels the streams still receiving and waits for every handler to return
         (bounded): a stream whose sender has finished gets its answer first."""
-        deadline = time.monotonic() + timeout_s
+        return _close_calls(self, timeout_s, generation, lambda call: call.cancel())
+
+
+class _AioServicer(pb_grpc.AudioStreamServicer):
+    """The AudioStream service as coroutines on the server's event loop (AudioServer).
+
+    Each packet is handed to its stream's handler as it is read (a queue append: nothing blocks the
+    loop); only a stream's end, which waits for its audio to play out, runs on an executor thread.
+    """
+
+    def __init__(
+        self, accept: Acceptor, wall_ns: WallClock, token: TokenCheck, on_refused: RefusalHook | None
+    ) -> None:
+        self._accept = accept
+        self._wall_ns = wall_ns
+        self._token = token
+        self._on_refused = on_refused
+        self._lock = threading.Lock()
+        # Open Stream calls (their tasks) -> still receiving (close() cancels those).
+        self._calls: dict[asyncio.Task[Any], bool] = {}
+        self._idle = threading.Condition(self._lock)
+        self.closed = False
+        self.generation = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, reason: str
+    ) -> NoReturn:
+        if self._on_refused is not None:
+            self._on_refused(context.peer(), reason)
+        await context.abort(code, reason)
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    async def Clock(
+        self, request: pb.ClockProbe, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ClockReply:
+        t1 = self._wall_ns()
+        if self.closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
+        refusal = self._token.refusal(context)  # type: ignore[arg-type]
+        if refusal is not None:  # a clock probe: the stream that follows it is the refusal worth reporting
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        return pb.ClockReply(
+            sender_send_ns=request.sender_send_ns, receiver_receive_ns=t1, receiver_send_ns=self._wall_ns()
+        )
+
+    async def Stream(
+        self, request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StreamSummary:
+        if self.closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
+        refusal = self._token.refusal(context)  # type: ignore[arg-type]
+        if refusal is not None:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
+        task = asyncio.current_task()
+        assert task is not None
         with self._lock:
-            if generation != self.generation:
-                return True  # that service was closed, and the servicer reopened for another receiver
-            self.closed = True
-            for call, receiving in self._calls.items():
-                if receiving:
-                    call.cancel()  # type: ignore[no-untyped-call]
-            while self._calls:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+            if self.closed:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
+            self._calls[task] = True
+        try:
+            return await self._stream(context, task)
+        finally:
+            with self._lock:
+                self._calls.pop(task, None)
+                self._idle.notify_all()
+
+    async def _stream(
+        self, context: grpc.aio.ServicerContext[Any, Any], task: asyncio.Task[Any]
+    ) -> pb.StreamSummary:
+        eof = grpc.aio.EOF  # type: ignore[attr-defined]  # (the stubs predate it)
+        try:
+            first = await context.read()
+        except asyncio.CancelledError:  # close(): the receiver is stopping
+            await context.abort(grpc.StatusCode.CANCELLED, STOPPED)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE)
+        except Exception:  # the sender gone before it said anything
+            return pb.StreamSummary()
+        if first is eof:
+            return pb.StreamSummary()
+        assert isinstance(first, pb.StreamMessage)
+        if first.WhichOneof("body") != "format":
+            await self._refuse(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the stream format"
+            )
+        try:
+            handler = self._accept(context.peer(), info_from_pb(first.format))
+        except BusyError as exc:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (ConfigError, RejectedError) as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        packet, clock = handler.packet, handler.clock
+        ended: tuple[grpc.StatusCode, str] | None = None  # how the call ends, if not with the totals
+        while True:
+            try:
+                msg = await context.read()
+            except asyncio.CancelledError:  # close(): the receiver is stopping
+                ended = (grpc.StatusCode.CANCELLED, STOPPED)
+                break
+            except DecodeError:  # not a message: what came before it plays, the call fails
+                ended = (grpc.StatusCode.INTERNAL, UNDECODABLE)
+                break
+            except Exception:  # the sender vanished mid-stream (reset): play what arrived
+                break
+            if msg is eof:
+                break
+            assert isinstance(msg, pb.StreamMessage)
+            kind = msg.WhichOneof("body")
+            if kind == "packet":
+                p = msg.packet
+                packet(p.sequence, p.capture_time_ns, p.payload, p.capture_delay_us * 1000)
+            elif kind == "clock":
+                clock(estimate_from_pb(msg.clock))
+        with self._lock:
+            self._calls[task] = False  # the sender is done: let its answer go out
+        # close() waits for the stream's audio to play out: off the loop. When the receiver stops, it
+        # has released its streams already, and the call ends as cancelled (as a synchronous server's
+        # cancel() ends it) rather than waiting for the server's grace period.
+        totals = await asyncio.get_running_loop().run_in_executor(None, handler.close)
+        if ended is not None:
+            await context.abort(*ended)
+        return totals_to_pb(totals)
+
+    def close(self, timeout_s: float, generation: int) -> bool:
+        loop = self.loop
+
+        def cancel(task: asyncio.Task[Any]) -> None:
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(task.cancel)
+
+        return _close_calls(self, timeout_s, generation, cancel)
+
+
+def _close_calls(
+    servicer: _Servicer | _AioServicer, timeout_s: float, generation: int, cancel: Callable[[Any], None]
+) -> bool:
+    """Refuses new calls, cancels the streams still receiving and waits for every handler to return
+    (bounded): a stream whose sender has finished gets its answer first."""
+    deadline = time.monotonic() + timeout_s
+    with servicer._lock:
+        if generation != servicer.generation:
+            return True  # that service was closed, and the servicer reopened for another receiver
+        servicer.closed = True
+        for call, receiving in servicer._calls.items():
+            if receiving:
+                cancel(call)
+        while servicer._calls:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            servicer._idle.wait(left)
+    return True
 
 
 class AudioService:
@@ -187,7 +335,7 @@ class AudioService:
     is added to the server: that one takes it over.
     """
 
-    def __init__(self, servicer: _Servicer, generation: int) -> None:
+    def __init__(self, servicer: _Servicer | _AioServicer, generation: int) -> None:
         self._servicer = servicer
         self._generation = generation
 
@@ -235,7 +383,11 @@ def bind_address(host: str, port: int) -> str:
 
 
 class AudioServer:
-    """A started gRPC server carrying the audio service, health (SERVING while audio plays) and reflection."""
+    """A started gRPC server carrying the audio service, health (SERVING while audio plays) and reflection.
+
+    A ``grpc.aio`` server on an event loop of its own (thread ``tiality-grpc``); the methods here may be
+    called from any thread.
+    """
 
     def __init__(
         self,
@@ -247,18 +399,37 @@ class AudioServer:
         security: ServerSecurity | None = None,
         on_refused: RefusalHook | None = None,
     ) -> None:
+        sec = (security or ServerSecurity()).validate()
+        self._servicer = _AioServicer(accept, wall_ns, TokenCheck(sec.token), on_refused)
+        self.service = AudioService(self._servicer, 0)
+        self._loop = asyncio.new_event_loop()
+        self._servicer.loop = self._loop
+        # A stream's end waits for its audio to play out (seconds): a pool for those, one per stream.
+        self._pool = futures.ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="tiality-rpc")
+        self._loop.set_default_executor(self._pool)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tiality-grpc", daemon=True)
+        self._thread.start()
+        self._server: grpc.aio.Server | None = None
+        try:
+            self.port = self._call(self._start(host, port, max_streams, sec))
+        except BaseException:
+            self._shutdown_loop(3.0)
+            raise
+
+    def _call(self, coro: Any, timeout_s: float | None = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    async def _start(self, host: str, port: int, max_streams: int, sec: ServerSecurity) -> int:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        sec = (security or ServerSecurity()).validate()
-        self._pool = futures.ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="tiality-rpc")
-        server = grpc.server(self._pool, options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_streams + 4)
-        self.service = add_audio_service(server, accept, wall_ns, sec, on_refused)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_streams + 4)
+        pb_grpc.add_AudioStreamServicer_to_server(self._servicer, server)
         self._serving = health_pb2.HealthCheckResponse.SERVING
         self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        self._health = health.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.set_serving(False)
+        await self._set_serving(False)
         services = (SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
         address = bind_address(host, port)
@@ -271,34 +442,50 @@ class AudioServer:
         except RuntimeError:
             bound = 0
         if not bound:
-            server.stop(None)
-            self._pool.shutdown(wait=True)
+            await server.stop(None)
             if port:
                 raise AddressInUseError(
                     f"cannot listen on {address}: port {port} is already in use (another tiality recv?); "
                     "pick another with --port"
                 )
             raise ConfigError(f"cannot listen on {address}: no such local address")
-        server.start()
-        self._server: grpc.Server | None = server
-        self.port = bound
+        await server.start()
+        self._server = server
+        return int(bound)
+
+    async def _set_serving(self, serving: bool) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, self._serving if serving else self._not_serving)
 
     def set_serving(self, serving: bool) -> None:
-        for name in ("", SERVICE_NAME):
-            self._health.set(name, self._serving if serving else self._not_serving)
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._set_serving(serving), self._loop)
 
     def stop(self, grace_s: float = 0.5, timeout_s: float = 3.0) -> None:
         """Stops accepting, lets streams end for ``grace_s``, and never waits beyond ``timeout_s``.
 
-        Then joins the worker threads, so that a stopped receiver leaves none behind.
+        Then ends the event loop and joins its thread and the workers, so that a stopped receiver leaves
+        no thread behind.
         """
-        self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            self.service.close(timeout_s)
-            deadline = time.monotonic() + timeout_s
-            # A handler stuck on a broken peer must not hang shutdown: wait a bounded time, then go.
-            self._server.stop(grace=grace_s).wait(timeout=timeout_s)
-            self._server = None
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            for t in list(self._pool._threads):
-                t.join(max(0.0, deadline - time.monotonic()))
+        if self._server is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(Exception):  # the loop is gone already
+            self._call(self._health.enter_graceful_shutdown(), timeout_s)
+        self.service.close(timeout_s)
+        server, self._server = self._server, None
+        # A handler stuck on a broken peer must not hang shutdown: wait a bounded time, then go.
+        with contextlib.suppress(Exception):
+            self._call(server.stop(grace_s), max(0.1, deadline - time.monotonic()))
+        self._shutdown_loop(max(0.1, deadline - time.monotonic()))
+
+    def _shutdown_loop(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_s)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for t in list(self._pool._threads):
+            t.join(max(0.0, deadline - time.monotonic()))

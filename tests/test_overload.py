@@ -1,0 +1,123 @@
+"""A receiver that cannot mix in real time says so and refuses new senders, over real gRPC (issue 11).
+
+The receiver's capacity is set artificially low (``max_load_pct`` / ``--max-load``: a share of real time
+that any mixing exceeds), so that one playing sender is all it carries: the second is refused with
+RESOURCE_EXHAUSTED and a line naming the figure, while the first plays every one of its packets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.helpers.waiting import wait_until
+from tiality_cli.errors import RejectedError
+from tiality_cli.io.files import NullSink
+from tiality_cli.receiver import Receiver, ReceiverConfig, ReceiverEvent
+from tiality_cli.sender import Sender, SenderConfig
+
+TIALITY = [sys.executable, "-m", "tiality_cli"]
+LOW_CAPACITY = ("--max-load", "0.01")  # any mixing takes more of real time than that
+ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+REFUSAL = (
+    r"receiver overloaded: mixing 1 sender takes \d+ % of real time \(limit 0\.01 %, --max-load\); "
+    r"it carries about 0: no more senders for now"
+)
+
+
+def test_overloaded_receiver_refuses_a_new_sender_and_keeps_playing_the_others() -> None:
+    rx = Receiver(NullSink(), ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8, max_load_pct=0.01))
+    got: list[ReceiverEvent] = []
+    rx.subscribe(got.append)
+    port = rx.start()
+    try:
+        first = Sender("tone://440", SenderConfig(f"127.0.0.1:{port}", seconds=3.0, reconnect=False))
+        first.start()
+        wait_until(lambda: any(e.kind == "overload" for e in got), 15, "the overload event")
+        assert rx.overloaded and rx.capacity == 0
+        load = rx.load_pct
+        assert load is not None and load > 0.01
+        second = SenderConfig(f"127.0.0.1:{port}", seconds=1.0, reconnect=False)
+        with pytest.raises(RejectedError, match=rf"^127\.0\.0\.1:{port} refused the stream: {REFUSAL}$"):
+            Sender("tone://300", second).run()
+        result = first.wait(20)
+    finally:
+        rx.stop()
+    assert result is not None
+    # The stream that was playing lost nothing to the refusal: every packet sent arrived and played.
+    assert (result.packets_sent, result.receiver_packets, result.receiver_frames_played) == (150, 150, 150)
+    assert result.receiver_lost == 0  # (a loaded test machine may still make a packet late at the start)
+    kinds = [e.kind for e in got]
+    assert kinds[:3] == ["stream_started", "overload", "sender_refused"]
+    overload = got[1]
+    assert re.fullmatch(
+        r"receiver overloaded: mixing 1 sender takes \d+ % of real time \(limit 0\.01 %, --max-load\); "
+        r"it carries about 0",
+        overload.detail,
+    )
+    assert re.fullmatch(REFUSAL, got[2].detail) and overload.session_id == 0
+    assert rx.streams_started == 1
+
+
+def test_recv_warns_on_stderr_reports_its_load_and_the_sender_shows_one_line() -> None:
+    recv = subprocess.Popen(
+        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json", *LOW_CAPACITY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert recv.stderr is not None and recv.stdout is not None
+        m = re.search(r"listening on port (\d+)", recv.stderr.readline())
+        assert m
+        target = f"127.0.0.1:{m.group(1)}"
+        first = subprocess.Popen(
+            [*TIALITY, "send", target, "-i", "tone://440", "--seconds", "4", "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        warning: list[str] = []
+        err = recv.stderr
+        reader = threading.Thread(target=lambda: warning.append(err.readline()))
+        reader.start()
+        reader.join(20)
+        assert warning and re.fullmatch(
+            r"tiality recv: warning: receiver overloaded: mixing 1 sender takes \d+ % of real time "
+            r"\(limit 0\.01 %, --max-load\); it carries about 0; new senders are refused\n",
+            warning[0],
+        ), warning
+        refused = subprocess.run(
+            [*TIALITY, "send", target, "-i", "tone://300", "--seconds", "1", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+        )
+        lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+        assert refused.returncode == 7 and "Traceback" not in refused.stderr
+        assert len(lines) == 1 and re.fullmatch(rf"tiality: {target} refused the stream: {REFUSAL}", lines[0])
+        first_err = first.communicate(timeout=60)[1]
+        assert first.returncode == 0, first_err
+        for _ in range(30):  # a line a second from the start: the first one that saw the overload
+            stats = json.loads(recv.stdout.readline())
+            if stats["overloaded"]:
+                break
+        recv.send_signal(2)
+        summary = json.loads(recv.communicate(timeout=30)[0].splitlines()[-1])
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+        recv.wait()
+    assert stats["event"] == "stats" and stats["overloaded"] is True and stats["capacity"] == 0
+    assert stats["load_pct"] > 0.01
+    assert summary["streams_started"] == 1 and summary["frames_played"] == 200
+    assert summary["lost"] == 0 and summary["packets"] == 200
