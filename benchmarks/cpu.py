@@ -595,6 +595,8 @@ class FanRun:
     busiest: float  # the receiver's busiest thread, fraction of a core (the sink's: every stream's playout)
     played: float  # audio the receiver played per second of wall time in the window (1.0: real time)
     frames_played: int  # the receiver's summary: frames handed to the output (decoded, concealed, inserted)
+    mixer_load: float  # the receiver's own load_pct (share of real time its mixer took), last line in the window
+    capacity: float  # the receiver's own capacity estimate (senders within --max-load) then; nan if none
 
     @property
     def bad_pct(self) -> float:
@@ -645,6 +647,8 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
         busiest=busiest,
         played=played,
         frames_played=int(s["frames_played"]),
+        mixer_load=float(last.get("load_pct") or math.nan),
+        capacity=float(last["capacity"]) if last.get("capacity") is not None else math.nan,
     )
 
 
@@ -812,8 +816,9 @@ def fan_table(res: Results) -> list[str]:
     out = [
         "| streams | receiver CPU | its busiest thread | played / wall | late | concealed | skipped "
         "| frames sent | frames played | bad | latency p50 / p95 | streams connected | receiver RSS "
-        "| per extra stream | load generator CPU | its send lag p95 | load average |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| per extra stream | load generator CPU | its send lag p95 | receiver's load_pct / capacity "
+        "| load average |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     one = res.fans.get(1, [])
     for n, fans in sorted(res.fans.items()):
@@ -841,6 +846,7 @@ def fan_table(res: Results) -> list[str]:
             per,
             m(lambda f: f.loadgen * 100, ".1f", " %"),
             m(lambda f: f.lag_p95, ".1f", " ms"),
+            f"{m(lambda f: f.mixer_load, '.0f', ' %')} / {m(lambda f: f.capacity, '.0f')}",
             loads([f.load for f in fans]),
         ]
         out.append("| " + " | ".join(cells) + " |")

@@ -415,9 +415,11 @@ class Receiver:
         self._meter = 0.0  # output peak hold (1.0 = full scale)
         # The mixer's load: wall time spent in fill() over the audio it produced (see _measure_load).
         self._busy_ns = 0
+        self._mix_ns = 0  # of which in the per-stream loop (pull, gain, sum): what one more sender adds to
         self._load_samples = 0
         self._load_streams = 0  # sessions x samples, for the mean number of streams over the window
         self._load: float | None = None  # the last window's load (1.0: all of real time)
+        self._stream_load = 0.0  # the last window's per-stream part of it, per stream
         self._load_mean_streams = 0.0
         self._overloaded = False
         self._calm = 0  # windows in a row below the overload's end
@@ -682,6 +684,7 @@ class Receiver:
         playing = False
         done = False
         if sessions:
+            t_mix = time.perf_counter_ns()
             solo = False
             for s in sessions:
                 if s._solo:
@@ -700,6 +703,7 @@ class Receiver:
                 if i:
                     acc += tmp
                 done = done or s.playout.state == State.FINISHED
+            self._mix_ns += time.perf_counter_ns() - t_mix
         else:
             acc[:] = 0
         if done:
@@ -733,7 +737,9 @@ class Receiver:
         audio_ns = self._load_samples * 1e9 / self._out_rate
         load = self._busy_ns / audio_ns
         self._load, self._load_mean_streams = load, self._load_streams / self._load_samples
-        self._busy_ns = self._load_samples = self._load_streams = 0
+        if self._load_mean_streams >= 0.5:
+            self._stream_load = self._mix_ns / audio_ns / self._load_mean_streams
+        self._busy_ns = self._mix_ns = self._load_samples = self._load_streams = 0
         limit = self.config.max_load_pct / 100
         if load > limit:
             self._calm = 0
@@ -754,12 +760,14 @@ class Receiver:
 
     @property
     def capacity(self) -> int | None:
-        """How many senders the mixer can carry within ``max_load_pct``, from its last second's load and
-        the senders it mixed then; None until it has measured some."""
-        load, streams = self._load, self._load_mean_streams
-        if load is None or streams < 0.5 or load <= 0:
+        """How many senders the mixer can carry within ``max_load_pct``, from its last second: what each
+        stream cost it (its pull, gain and sum) on top of the fixed part (limiter, conversion, timeline),
+        which one more sender does not add to. None until it has mixed a stream for a second."""
+        load, per = self._load, self._stream_load
+        if load is None or per <= 0:
             return None
-        return int(streams * self.config.max_load_pct / 100 / load)
+        fixed = max(0.0, load - per * self._load_mean_streams)
+        return max(0, int((self.config.max_load_pct / 100 - fixed) / per))
 
     @property
     def overloaded(self) -> bool:
