@@ -595,7 +595,7 @@ class FanRun:
     busiest: float  # the receiver's busiest thread, fraction of a core (the sink's: every stream's playout)
     played: float  # audio the receiver played per second of wall time in the window (1.0: real time)
     frames_played: int  # the receiver's summary: frames handed to the output (decoded, concealed, inserted)
-    mixer_load: float  # the receiver's own load_pct (share of real time its mixer took), last line in the window
+    mixer_load: float  # the receiver's own load_pct (its mixer's share of real time), last line in the window
     capacity: float  # the receiver's own capacity estimate (senders within --max-load) then; nan if none
 
     @property
