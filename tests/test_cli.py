@@ -278,3 +278,20 @@ def test_send_options_convert_as_typer_converts_them(args: list[str], expected: 
     got = (ctx.params["frame_ms"], ctx.params["rate"], ctx.params["bitrate"])
     assert got == expected and [type(v) for v in got] == [float, int, float]
     assert ctx.params["target"] == "host:1" and ctx.params["quiet"] is False
+
+
+def test_long_work_turns_the_collector_back_on_after_the_gc_free_start_up() -> None:
+    """main() starts without the collector (faster imports); every long-running command's
+    stop_on_signals() turns it back on, with start-up's objects frozen out of later collections."""
+    import gc
+
+    from tiality_cli.cli.common import stop_on_signals
+
+    gc.disable()
+    try:
+        with stop_on_signals():
+            assert gc.isenabled()
+            assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
+        gc.enable()

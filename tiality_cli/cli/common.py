@@ -5,6 +5,7 @@ Kept apart from app.py so that every command module imports it without importing
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -52,12 +53,21 @@ def guarded(fn: Callable[[], T]) -> T:
         raise fail(f"internal error: {type(exc).__name__}: {exc}", 70) from None
 
 
+def long_work() -> None:
+    """The collector back on (``main`` starts without it), after freezing what start-up made: the
+    modules' objects live for good, so later collections need not walk them every time."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 @contextmanager
 def stop_on_signals(wake: threading.Event | None = None) -> Iterator[threading.Event]:
     """SIGINT and SIGTERM set the event (a clean stop with a summary), instead of raising mid-audio.
 
     They set ``wake`` too: the presenter's wait, so that it reacts at once without polling.
     """
+    long_work()
     stop = threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
