@@ -165,8 +165,8 @@ def measure(
     x = clicks.signal[:, 0].astype(np.float64)
     x += 10 ** (PILOT_DBFS / 20) * np.sin(2 * np.pi * PILOT_HZ * np.arange(len(x)) / RATE)
     pcm = np.round(x * 32767).astype(np.int16)
-    mic = StampedRecorder(env, "mic.monitor", channels=1).wait_frames(1)
-    spk = StampedRecorder(env, "spk.monitor", channels=1).wait_frames(1)
+    mic = StampedRecorder(env, "mic.monitor", channels=1, latency_ms=2).wait_frames(1)
+    spk = StampedRecorder(env, "spk.monitor", channels=1, latency_ms=2).wait_frames(1)
     procs: list[Proc] = []
     resumed_ns = 0
     try:

@@ -91,7 +91,7 @@ def test_portaudio_output_delay_matches_when_the_speaker_plays(sound_card: Virtu
     plugin's 10 ms period in two 5 ms calls, the second one 5 ms later in the buffer, so the figure
     read 4.6-5 ms high for every block (and right with 10 ms callbacks, where the periods match).
     """
-    rec = StampedRecorder(sound_card.process_env(), "spk.monitor", channels=1).wait_frames(1)
+    rec = StampedRecorder(sound_card.process_env(), "spk.monitor", channels=1, latency_ms=2).wait_frames(1)
     sink = SdPlayback("sd://tspk", "tspk", AudioFormat(RATE, 2, 20_000), SYSTEM_CLOCK)
     writer = ClickWriter(sink)
     try:

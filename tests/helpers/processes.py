@@ -132,7 +132,11 @@ class Proc:
 class StampedRecorder:
     """Records a monitor with ``parec`` and notes when each block arrived, to place it on the wall clock."""
 
-    def __init__(self, env: Mapping[str, str], device: str, channels: int = 2) -> None:
+    def __init__(self, env: Mapping[str, str], device: str, channels: int = 2, latency_ms: int = 10) -> None:
+        """``latency_ms``: the blocks asked of the server, which also become the monitored sink's render
+        blocks (the lowest latency any client asks for): 2 ms makes the virtual card's timing as fine as
+        a hardware period, for latency figures that must match the receiver's (benchmarks/latency.py,
+        tests/test_true_latency.py); 10 ms is lighter on a loaded machine (docs/performance.md)."""
         self.device = device
         self.channels = channels
         self._chunks: list[bytes] = []
@@ -147,7 +151,7 @@ class StampedRecorder:
             "--format=s16le",
             f"--rate={RATE}",
             f"--channels={channels}",
-            "--latency-msec=2",  # small blocks: each arrival time says more
+            f"--latency-msec={latency_ms}",  # small blocks: each arrival time says more
         ]
         self._proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._thread = threading.Thread(target=self._pump, name=f"parec {device}", daemon=True)
