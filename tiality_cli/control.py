@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tiality_cli.stats import Window
+
 SLICE_NS = 2_500_000  # the shortest Opus frame: every inserted or dropped piece is at most this long
 KP = 2.0  # per second: phase gain (1 ms beyond the dead band -> 0.2 % faster or slower; 0.5 s time constant)
 DEAD_BAND_NS = 2e6  # B may wander this far over the target before the ratio is bent to steer it,
@@ -86,7 +88,7 @@ class Floor:
         return bool(self._q)
 
 
-class JitterWindow:
+class JitterWindow(Window):
     """The last ``size`` jitter samples, and a percentile of them that ignores the single largest.
 
     The percentile is taken at the sample below the exact rank ("lower" interpolation): in a window that
@@ -94,23 +96,10 @@ class JitterWindow:
     after a freeze) lift the target by a large fraction of itself for the window's whole length.
     """
 
-    def __init__(self, size: int) -> None:
-        self._buf = np.zeros(size, dtype=np.float64)
-        self._n = 0
-        self._i = 0
-
-    def add(self, value: float) -> None:
-        self._buf[self._i] = value
-        self._i = (self._i + 1) % len(self._buf)
-        self._n = min(self._n + 1, len(self._buf))
-
     def raise_last(self, value: float) -> None:
         """Raises the latest sample to ``value`` if that is larger."""
         i = (self._i - 1) % len(self._buf)
         self._buf[i] = max(self._buf[i], value)
-
-    def __len__(self) -> int:
-        return self._n
 
     def percentile(self, q: float) -> float:
         n = self._n
