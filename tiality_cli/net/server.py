@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from tiality_cli.config import ServerSecurity
 from tiality_cli.errors import AddressInUseError, BusyError, ConfigError, RejectedError
-from tiality_cli.link import Acceptor
+from tiality_cli.link import Acceptor, StreamHandler
 from tiality_cli.net._proto import tiality_pb2 as pb
 from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.net.security import TokenCheck, server_credentials
@@ -65,7 +65,13 @@ STOPPED = "the receiver has stopped"
 UNDECODABLE = "Exception deserializing request!"  # what a synchronous server answers to such a message
 
 
-class _Servicer(pb_grpc.AudioStreamServicer):
+Refusal = tuple[grpc.StatusCode, str]  # how a call is refused: its status and the one-line reason
+
+
+class _Service:
+    """What both servicers keep (the receiver they serve, the calls open, whether it stopped) and decide
+    (whether a call may go on, which handler takes a stream); they differ only in how they read."""
+
     def __init__(
         self, accept: Acceptor, wall_ns: WallClock, token: TokenCheck, on_refused: RefusalHook | None
     ) -> None:
@@ -74,8 +80,9 @@ class _Servicer(pb_grpc.AudioStreamServicer):
         self._token = token
         self._on_refused = on_refused
         self._lock = threading.Lock()
-        # Open Stream calls -> still receiving (close() cancels those; the others are answering already).
-        self._calls: dict[grpc.ServicerContext, bool] = {}
+        # Open Stream calls (a context or a task) -> still receiving (close() cancels those; the others are
+        # answering already).
+        self._calls: dict[Any, bool] = {}
         self._idle = threading.Condition(self._lock)
         self.closed = False
         self.generation = 0  # bumped by reopen(): a handle from before cannot close the new service
@@ -92,14 +99,56 @@ class _Servicer(pb_grpc.AudioStreamServicer):
             self.closed = False
             return self.generation
 
-    def _check(self, context: grpc.ServicerContext, report: bool = True) -> None:
+    def _admission(self, context: Any) -> tuple[Refusal | None, bool]:
+        """Why a call may not go on (stopped, or the token), and whether to tell the receiver of it."""
         if self.closed:
-            context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
+            return (grpc.StatusCode.UNAVAILABLE, STOPPED), False
         refusal = self._token.refusal(context)
+        return (None if refusal is None else (grpc.StatusCode.UNAUTHENTICATED, refusal)), True
+
+    def _open(self, peer: str, first: pb.StreamMessage) -> StreamHandler | Refusal:
+        """The receiver's handler for a stream that starts with ``first``, or the status refusing it."""
+        if first.WhichOneof("body") != "format":
+            return grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the stream format"
+        try:
+            return self._accept(peer, info_from_pb(first.format))
+        except BusyError as exc:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        except (ConfigError, RejectedError) as exc:
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+
+    def _cancel(self, call: Any) -> None:
+        """Ends a call that is still receiving (its handler then returns)."""
+        raise NotImplementedError
+
+    def close(self, timeout_s: float, generation: int) -> bool:
+        """Refuses new calls, cancels the streams still receiving and waits for every handler to return
+        (bounded): a stream whose sender has finished gets its answer first."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            if generation != self.generation:
+                return True  # that service was closed, and the servicer reopened for another receiver
+            self.closed = True
+            for call, receiving in self._calls.items():
+                if receiving:
+                    self._cancel(call)
+            while self._calls:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+
+class _Servicer(_Service, pb_grpc.AudioStreamServicer):
+    """The AudioStream service on a synchronous server (``add_audio_service``): a thread per call."""
+
+    def _check(self, context: grpc.ServicerContext, report: bool = True) -> None:
+        refusal, tell = self._admission(context)
         if refusal is not None:
-            if not report:  # a clock probe: the stream that follows it is the refusal worth reporting
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
+            if tell and report:  # not for a clock probe: the stream that follows it is the refusal to report
+                self._refuse(context, *refusal)
+            context.abort(*refusal)
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> NoReturn:
         """Tells the receiver (``on_refused``), then the sender (the status), why its call is refused."""
@@ -138,16 +187,9 @@ class _Servicer(pb_grpc.AudioStreamServicer):
             return pb.StreamSummary()
         except Exception:  # cancelled before it said anything (the receiver stopping, the sender gone)
             return pb.StreamSummary()
-        if first.WhichOneof("body") != "format":
-            self._refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the stream format"
-            )
-        try:
-            handler = self._accept(context.peer(), info_from_pb(first.format))
-        except BusyError as exc:
-            self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except (ConfigError, RejectedError) as exc:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        handler = self._open(context.peer(), first)
+        if isinstance(handler, tuple):
+            self._refuse(context, *handler)
         packet, clock = handler.packet, handler.clock
         try:
             while True:
@@ -169,33 +211,18 @@ class _Servicer(pb_grpc.AudioStreamServicer):
             totals = handler.close()
         return totals_to_pb(totals)
 
-    def close(self, timeout_s: float, generation: int) -> bool:
-        """Refuses new calls, cancels the streams still receiving and waits for every handler to return
-        (bounded): a stream whose sender has finished gets its answer first."""
-        return _close_calls(self, timeout_s, generation, lambda call: call.cancel())
+    def _cancel(self, call: Any) -> None:
+        call.cancel()  # the call's context (grpc.RpcContext.cancel)
 
 
-class _AioServicer(pb_grpc.AudioStreamServicer):
+class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
     """The AudioStream service as coroutines on the server's event loop (AudioServer).
 
     Each packet is handed to its stream's handler as it is read (a queue append: nothing blocks the
     loop); only a stream's end, which waits for its audio to play out, runs on an executor thread.
     """
 
-    def __init__(
-        self, accept: Acceptor, wall_ns: WallClock, token: TokenCheck, on_refused: RefusalHook | None
-    ) -> None:
-        self._accept = accept
-        self._wall_ns = wall_ns
-        self._token = token
-        self._on_refused = on_refused
-        self._lock = threading.Lock()
-        # Open Stream calls (their tasks) -> still receiving (close() cancels those).
-        self._calls: dict[asyncio.Task[Any], bool] = {}
-        self._idle = threading.Condition(self._lock)
-        self.closed = False
-        self.generation = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # set by AudioServer: where close() cancels the calls
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, reason: str
@@ -209,11 +236,9 @@ class _AioServicer(pb_grpc.AudioStreamServicer):
         self, request: pb.ClockProbe, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ClockReply:
         t1 = self._wall_ns()
-        if self.closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
-        refusal = self._token.refusal(context)  # type: ignore[arg-type]
+        refusal, _ = self._admission(context)
         if refusal is not None:  # a clock probe: the stream that follows it is the refusal worth reporting
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+            await context.abort(*refusal)
         return pb.ClockReply(
             sender_send_ns=request.sender_send_ns, receiver_receive_ns=t1, receiver_send_ns=self._wall_ns()
         )
@@ -221,11 +246,11 @@ class _AioServicer(pb_grpc.AudioStreamServicer):
     async def Stream(
         self, request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StreamSummary:
-        if self.closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPED)
-        refusal = self._token.refusal(context)  # type: ignore[arg-type]
+        refusal, tell = self._admission(context)
         if refusal is not None:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, refusal)
+            if tell:
+                await self._refuse(context, *refusal)
+            await context.abort(*refusal)
         task = asyncio.current_task()
         assert task is not None
         with self._lock:
@@ -254,16 +279,9 @@ class _AioServicer(pb_grpc.AudioStreamServicer):
         if first is eof:
             return pb.StreamSummary()
         assert isinstance(first, pb.StreamMessage)
-        if first.WhichOneof("body") != "format":
-            await self._refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the stream format"
-            )
-        try:
-            handler = self._accept(context.peer(), info_from_pb(first.format))
-        except BusyError as exc:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except (ConfigError, RejectedError) as exc:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        handler = self._open(context.peer(), first)
+        if isinstance(handler, tuple):
+            await self._refuse(context, *handler)
         packet, clock = handler.packet, handler.clock
         ended: tuple[grpc.StatusCode, str] | None = None  # how the call ends, if not with the totals
         while True:
@@ -296,35 +314,10 @@ class _AioServicer(pb_grpc.AudioStreamServicer):
             await context.abort(*ended)
         return totals_to_pb(totals)
 
-    def close(self, timeout_s: float, generation: int) -> bool:
+    def _cancel(self, call: asyncio.Task[Any]) -> None:
         loop = self.loop
-
-        def cancel(task: asyncio.Task[Any]) -> None:
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(task.cancel)
-
-        return _close_calls(self, timeout_s, generation, cancel)
-
-
-def _close_calls(
-    servicer: _Servicer | _AioServicer, timeout_s: float, generation: int, cancel: Callable[[Any], None]
-) -> bool:
-    """Refuses new calls, cancels the streams still receiving and waits for every handler to return
-    (bounded): a stream whose sender has finished gets its answer first."""
-    deadline = time.monotonic() + timeout_s
-    with servicer._lock:
-        if generation != servicer.generation:
-            return True  # that service was closed, and the servicer reopened for another receiver
-        servicer.closed = True
-        for call, receiving in servicer._calls.items():
-            if receiving:
-                cancel(call)
-        while servicer._calls:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            servicer._idle.wait(left)
-    return True
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(call.cancel)
 
 
 class AudioService:
@@ -335,7 +328,7 @@ class AudioService:
     is added to the server: that one takes it over.
     """
 
-    def __init__(self, servicer: _Servicer | _AioServicer, generation: int) -> None:
+    def __init__(self, servicer: _Service, generation: int) -> None:
         self._servicer = servicer
         self._generation = generation
 
