@@ -25,7 +25,7 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from tests.helpers.soundcard import RATE, wait_until
+from tests.helpers.soundcard import RATE, parec_command, wait_until
 
 WAIT_S = 20.0  # default ceiling for each condition wait (a loaded 2-core machine starts Python slowly)
 
@@ -144,15 +144,7 @@ class StampedRecorder:
         self._arrivals: list[int] = []  # time.monotonic_ns() of its arrival
         self._frames = 0
         self._lock = threading.Lock()
-        cmd = [
-            "parec",
-            f"--device={device}",
-            "--raw",
-            "--format=s16le",
-            f"--rate={RATE}",
-            f"--channels={channels}",
-            f"--latency-msec={latency_ms}",  # small blocks: each arrival time says more
-        ]
+        cmd = parec_command(device, channels, RATE, latency_ms)  # small blocks: each arrival says more
         self._proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._thread = threading.Thread(target=self._pump, name=f"parec {device}", daemon=True)
         self._thread.start()

@@ -58,6 +58,19 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, poll_
         time.sleep(poll_s)
 
 
+def parec_command(device: str, channels: int, rate: int, latency_ms: int) -> list[str]:
+    """``parec`` writing raw s16le from ``device`` to stdout, in blocks of about ``latency_ms``."""
+    return [
+        "parec",
+        f"--device={device}",
+        "--raw",
+        "--format=s16le",
+        f"--rate={rate}",
+        f"--channels={channels}",
+        f"--latency-msec={latency_ms}",
+    ]
+
+
 class Recorder:
     """Records a PulseAudio source with ``parec`` into memory until stopped."""
 
@@ -77,15 +90,8 @@ class Recorder:
         self._chunks: list[bytes] = []
         self._bytes = 0
         self._lock = threading.Lock()
-        cmd = [
-            "parec",
-            f"--device={device}",
-            "--raw",
-            "--format=s16le",
-            f"--rate={rate}",
-            f"--channels={channels}",
-            f"--latency-msec={latency_ms}",  # roomy: a busy machine must not make the recording lose audio
-        ]
+        # latency: roomy, a busy machine must not make the recording lose audio
+        cmd = parec_command(device, channels, rate, latency_ms)
         self._proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._thread = threading.Thread(target=self._pump, name=f"parec {device}", daemon=True)
         self._thread.start()
