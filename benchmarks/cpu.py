@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from benchmarks.machine import cpu_name, tiality_version
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- cpu.py: begin -->", "<!-- cpu.py: end -->"
@@ -857,21 +859,10 @@ def fan_table(res: Results) -> list[str]:
 
 
 def machine_notes(load: tuple[float, float, float]) -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        described = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--tags"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        described = ""
     return (
-        f"{cpu}, nproc {os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in load)} at the start "
-        f"(the machine is shared with other work); Linux {platform.release()}; Python "
-        f"{platform.python_version()}; tiality {described or '(not a git checkout)'}."
+        f"{cpu_name()}, nproc {os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in load)} at the "
+        f"start (the machine is shared with other work); Linux {platform.release()}; Python "
+        f"{platform.python_version()}; tiality {tiality_version(ROOT)}."
     )
 
 

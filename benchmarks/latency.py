@@ -38,7 +38,6 @@ import json as _json
 import os as _os
 import platform as _platform
 import signal as _signal
-import subprocess as _subprocess
 import sys as _sys
 import threading as _threading
 import time as _time
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from benchmarks.machine import cpu_name, run_text, tiality_version
 from tests.helpers.processes import WAIT_S, Proc, StampedRecorder
 from tests.helpers.signals import click_train, detect_clicks
 from tests.helpers.soundcard import RATE, VirtualSoundCard, start_sound_card
@@ -530,34 +530,14 @@ def _spread(runs: list[RunResult]) -> str:
 
 
 def machine_notes() -> list[str]:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    pulse = _run_text(["pulseaudio", "--version"])
-    import tiality_cli
-
-    source = Path(tiality_cli.__file__).resolve().parent.parent
-    commit = _run_text(["git", "-C", str(source), "rev-parse", "--short", "HEAD"])
-    dirty = _run_text(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"])
-    where = "" if source == ROOT else f" from {source}"
-    version = f"{commit}{' with uncommitted changes' if dirty else ''}" if commit else "(not a git checkout)"
+    pulse = run_text(["pulseaudio", "--version"])
     load = ", ".join(f"{x:.2f}" for x in _os.getloadavg())
     return [
-        f"{cpu}, {_os.cpu_count()} cores, load average {load} at the start (shared with other work); "
+        f"{cpu_name()}, {_os.cpu_count()} cores, load average {load} at the start (shared with other work); "
         f"Linux {_platform.release()}; "
         f"Python {_platform.python_version()}; {pulse or 'pulseaudio ?'} (private server, null sinks); "
-        f"tiality {version}{where}.",
+        f"tiality {tiality_version(ROOT)}.",
     ]
-
-
-def _run_text(cmd: list[str]) -> str:
-    try:
-        return _subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, _subprocess.SubprocessError):
-        return ""
 
 
 def report(rows: list[Row], argv: list[str], seconds: float, runs: int, notes: list[str]) -> list[str]:

@@ -43,6 +43,7 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.live import Live
 
+from benchmarks.machine import cpu_name
 from tiality_cli.cli.view import RecvMonitor, SendMonitor, recv_view, send_view
 from tiality_cli.receiver import SessionView
 from tiality_cli.stats import StatsSnapshot
@@ -271,7 +272,7 @@ def main() -> None:
     table = [
         _BEGIN,
         f"Measured with `python -m benchmarks.view_cpu --seconds {args.seconds:g} --width {args.width}` on "
-        f"{_platform.machine()}, Python {_platform.python_version()}, {_cpu_name()}:",
+        f"{_platform.machine()}, Python {_platform.python_version()}, {cpu_name()}:",
         "",
         "| view | baseline (loop only) | with the view | view's cost | one refresh |",
         "|---|---|---|---|---|",
@@ -290,17 +291,6 @@ def main() -> None:
         doc = _re.sub(f"{_re.escape(_BEGIN)}.*?{_re.escape(_END)}", lambda _: text, doc, flags=_re.S)
         _DOC.write_text(doc, encoding="utf-8")
         print(f"wrote {_DOC}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return _platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
