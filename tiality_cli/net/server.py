@@ -140,6 +140,16 @@ class _Service:
         return True
 
 
+def _deliver(msg: pb.StreamMessage, handler: StreamHandler) -> None:
+    """One message after the format, to the stream's handler (every 20 ms: a packet)."""
+    kind = msg.WhichOneof("body")
+    if kind == "packet":
+        p = msg.packet
+        handler.packet(p.sequence, p.capture_time_ns, p.payload, p.capture_delay_us * 1000)
+    elif kind == "clock":
+        handler.clock(estimate_from_pb(msg.clock))
+
+
 class _Servicer(_Service, pb_grpc.AudioStreamServicer):
     """The AudioStream service on a synchronous server (``add_audio_service``): a thread per call."""
 
@@ -190,7 +200,6 @@ class _Servicer(_Service, pb_grpc.AudioStreamServicer):
         handler = self._open(context.peer(), first)
         if isinstance(handler, tuple):
             self._refuse(context, *handler)
-        packet, clock = handler.packet, handler.clock
         try:
             while True:
                 try:
@@ -199,12 +208,7 @@ class _Servicer(_Service, pb_grpc.AudioStreamServicer):
                     break
                 except Exception:  # the sender vanished mid-stream (cancelled, reset): play what arrived
                     break
-                kind = msg.WhichOneof("body")
-                if kind == "packet":
-                    p = msg.packet
-                    packet(p.sequence, p.capture_time_ns, p.payload, p.capture_delay_us * 1000)
-                elif kind == "clock":
-                    clock(estimate_from_pb(msg.clock))
+                _deliver(msg, handler)
         finally:
             with self._lock:
                 self._calls[context] = False  # the sender is done: let its answer go out
@@ -282,7 +286,6 @@ class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
         handler = self._open(context.peer(), first)
         if isinstance(handler, tuple):
             await self._refuse(context, *handler)
-        packet, clock = handler.packet, handler.clock
         ended: tuple[grpc.StatusCode, str] | None = None  # how the call ends, if not with the totals
         while True:
             try:
@@ -298,12 +301,7 @@ class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
             if msg is eof:
                 break
             assert isinstance(msg, pb.StreamMessage)
-            kind = msg.WhichOneof("body")
-            if kind == "packet":
-                p = msg.packet
-                packet(p.sequence, p.capture_time_ns, p.payload, p.capture_delay_us * 1000)
-            elif kind == "clock":
-                clock(estimate_from_pb(msg.clock))
+            _deliver(msg, handler)
         with self._lock:
             self._calls[task] = False  # the sender is done: let its answer go out
         # close() waits for the stream's audio to play out: off the loop. When the receiver stops, it
