@@ -16,7 +16,13 @@ from typer import _click as click
 from typer.core import TyperGroup
 
 from tiality_cli.cli.common import (
-    TOKEN_HELP,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TlsOption,
+    TlsServerNameOption,
+    TokenFileOption,
+    TokenOption,
     _is_loopback,
     _kbps,
     _parse_channel_map,
@@ -166,19 +172,13 @@ def send(
         bool, typer.Option("--quiet", "-q", help="No live view; errors and the summary only.")
     ] = False,
     once: Annotated[bool, typer.Option(help="Give up on the first failure instead of reconnecting.")] = False,
-    token: Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)] = None,
-    token_file: Annotated[str | None, typer.Option(help="Read the token from this file.")] = None,
-    tls: Annotated[
-        bool, typer.Option("--tls/--no-tls", help="Connect with TLS (implied by --tls-ca).")
-    ] = False,
-    tls_ca: Annotated[
-        str | None, typer.Option(help="CA certificate (PEM) that signed the receiver's.")
-    ] = None,
-    tls_cert: Annotated[str | None, typer.Option(help="This sender's certificate, for mutual TLS.")] = None,
-    tls_key: Annotated[str | None, typer.Option(help="This sender's private key, for mutual TLS.")] = None,
-    tls_server_name: Annotated[
-        str | None, typer.Option(help="Name expected in the receiver's certificate (default: the host).")
-    ] = None,
+    token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_server_name: TlsServerNameOption = None,
 ) -> None:
     """Capture audio, encode it as Opus and stream it to a receiver over gRPC.
 
@@ -311,8 +311,8 @@ def recv(
             metavar="PCT",
         ),
     ] = 80.0,
-    token: Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)] = None,
-    token_file: Annotated[str | None, typer.Option(help="Read the token from this file.")] = None,
+    token: TokenOption = None,
+    token_file: TokenFileOption = None,
     tls_cert: Annotated[str | None, typer.Option(help="Certificate (PEM) to serve TLS with.")] = None,
     tls_key: Annotated[str | None, typer.Option(help="Private key (PEM) of --tls-cert.")] = None,
     tls_client_ca: Annotated[

@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -101,6 +101,18 @@ def _parse_latency(text: str) -> float | None:
 
 
 TOKEN_HELP = "Shared secret required on every stream (or TIALITY_TOKEN, or --token-file)."
+
+# The options that authenticate a stream, declared once: send and recv take the token, send and doctor
+# (which connects as send would) the client side of TLS.
+TokenOption = Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)]
+TokenFileOption = Annotated[str | None, typer.Option(help="Read the token from this file.")]
+TlsOption = Annotated[bool, typer.Option("--tls/--no-tls", help="Connect with TLS (implied by --tls-ca).")]
+TlsCaOption = Annotated[str | None, typer.Option(help="CA certificate (PEM) that signed the receiver's.")]
+TlsCertOption = Annotated[str | None, typer.Option(help="This sender's certificate, for mutual TLS.")]
+TlsKeyOption = Annotated[str | None, typer.Option(help="This sender's private key, for mutual TLS.")]
+TlsServerNameOption = Annotated[
+    str | None, typer.Option(help="Name expected in the receiver's certificate (default: the host).")
+]
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:

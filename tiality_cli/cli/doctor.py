@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tiality_cli.cli.common import TOKEN_HELP
+from tiality_cli.cli.common import (
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TlsOption,
+    TlsServerNameOption,
+    TokenFileOption,
+    TokenOption,
+)
 from tiality_cli.cli.settings import ConfiguredCommand
 from tiality_cli.config import DEFAULT_APPLICATION
 
@@ -95,19 +103,13 @@ def doctor(
     fec: Annotated[bool, typer.Option("--fec/--no-fec", help="Opus in-band FEC, as send's.")] = False,
     listen: Annotated[float, typer.Option(help="Seconds to listen to the input.")] = 2.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the receiver.")] = 3.0,
-    token: Annotated[str | None, typer.Option(help=TOKEN_HELP, show_default=False)] = None,
-    token_file: Annotated[str | None, typer.Option(help="Read the token from this file.")] = None,
-    tls: Annotated[
-        bool, typer.Option("--tls/--no-tls", help="Connect with TLS (implied by --tls-ca).")
-    ] = False,
-    tls_ca: Annotated[
-        str | None, typer.Option(help="CA certificate (PEM) that signed the receiver's.")
-    ] = None,
-    tls_cert: Annotated[str | None, typer.Option(help="This sender's certificate, for mutual TLS.")] = None,
-    tls_key: Annotated[str | None, typer.Option(help="This sender's private key, for mutual TLS.")] = None,
-    tls_server_name: Annotated[
-        str | None, typer.Option(help="Name expected in the receiver's certificate (default: the host).")
-    ] = None,
+    token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_server_name: TlsServerNameOption = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON document: every check and stage.")] = False,
 ) -> None:
     """Check the whole audio path before a mission: will audio work, and how much delay to expect?"""
