@@ -1,4 +1,5 @@
-"""Shared fixtures. ``sound_card``: the virtual PulseAudio sound card (tests/helpers/soundcard.py)."""
+"""Shared fixtures: ``sound_card``, the virtual PulseAudio sound card (tests/helpers/soundcard.py), and
+``rx``, a receiver playing to null://."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.soundcard import SoundCardError, VirtualSoundCard, reinit_portaudio, start_sound_card
+from tiality_cli.io.files import NullSink
+from tiality_cli.receiver import Receiver, ReceiverConfig
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,3 +40,13 @@ def sound_card(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VirtualSoun
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture
+def rx() -> Iterator[Receiver]:
+    """A receiver of this test's own on a loopback port, playing to null:// (the examples of a hypothesis
+    test share it)."""
+    r = Receiver(NullSink(), ReceiverConfig(port=0, bind="127.0.0.1"))
+    r.start()
+    yield r
+    r.stop()

@@ -16,23 +16,14 @@ from tests.helpers.waiting import wait_until
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, Endpoint
 from tiality_cli.errors import ConnectError, RejectedError
-from tiality_cli.io.files import NullSink
 from tiality_cli.io.sources import open_source
 from tiality_cli.net._proto import tiality_pb2 as pb
 from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
 from tiality_cli.net.client import map_rpc_error
-from tiality_cli.receiver import Receiver, ReceiverConfig
+from tiality_cli.receiver import Receiver
 from tiality_cli.sender import Sender, SenderConfig
 
 FMT = AudioFormat()
-
-
-@pytest.fixture
-def rx() -> Iterator[Receiver]:
-    r = Receiver(NullSink(), ReceiverConfig(port=0, bind="127.0.0.1"))
-    r.start()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

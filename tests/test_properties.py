@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 
 import grpc
 import numpy as np
-import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -18,11 +16,10 @@ from hypothesis import strategies as st
 from tiality_cli.clock import ManualClock
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, Endpoint
-from tiality_cli.io.files import NullSink
 from tiality_cli.io.sources import open_source
 from tiality_cli.net._proto import tiality_pb2 as pb
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
-from tiality_cli.receiver import Receiver, ReceiverConfig
+from tiality_cli.receiver import Receiver
 from tiality_cli.sender import Sender, SenderConfig
 
 FMT = AudioFormat(48_000, 1, 20_000)
@@ -192,15 +189,6 @@ def send_raw(port: int, blobs: list[bytes]) -> tuple[grpc.StatusCode, str] | int
         except grpc.RpcError as err:
             return err.code(), err.details() or ""
     return summary.packets
-
-
-@pytest.fixture
-def rx() -> Iterator[Receiver]:
-    """A receiver of this test's own (the examples of a hypothesis test share it)."""
-    r = Receiver(NullSink(), ReceiverConfig(port=0, bind="127.0.0.1"))
-    r.start()
-    yield r
-    r.stop()
 
 
 @settings(
