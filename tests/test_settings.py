@@ -229,8 +229,13 @@ def test_help_names_the_variables_and_version_and_completion_work(layout: Layout
     env = layout.env(COMP_WORDS="tiality send --frame", COMP_CWORD="2", _TIALITY_COMPLETE="complete_bash")
     done = subprocess.run([script], capture_output=True, text=True, env=env, timeout=30)
     assert done.stdout.split() == ["--frame-ms"]
+    # typer detects the shell from the process tree (--show-completion takes no value): run it from a
+    # bash that stays its parent (no exec), as a user would, not from whatever started pytest.
     shown = subprocess.run(
-        [script, "--show-completion", "bash"], capture_output=True, text=True, env=layout.env()
+        ["bash", "-c", f'"{script}" --show-completion; exit $?'],
+        capture_output=True,
+        text=True,
+        env=layout.env(),
     )
     assert "_TIALITY_COMPLETE=complete_bash" in shown.stdout
 
