@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -108,6 +111,32 @@ def test_a_stream_cut_mid_packet_keeps_what_arrived(rx: Receiver) -> None:
     assert len(failures) == 1  # the sender saw the broken link (and, with --once, gave up)
     snap = rx.snapshot()
     assert snap.packets >= 30 and snap.frames_played >= snap.packets - 1  # what arrived was played
+    a_good_stream_still_plays(rx.port)
+
+
+def test_a_sender_killed_outright_is_retired_every_time(rx: Receiver) -> None:
+    """A robot whose process dies (SIGKILL: no goodbye, the kernel closes its socket) leaves no stream
+    behind, however the death falls against the receiver's read: its audio plays out, the stream ends.
+    Before the fix, 3 to 5 of 6 such deaths left a stream concealing for good (gRPC cancels the call as
+    its end is being handled, which cancelled the hand-off that ends the stream)."""
+    for k in range(1, 6):
+        sender = subprocess.Popen(
+            [sys.executable, "-m", "tiality_cli", "send", f"127.0.0.1:{rx.port}", "-i", "tone://440", "-q"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            before = rx.snapshot().packets
+            wait_until(lambda: rx.snapshot().packets >= before + 25, 15, "audio to flow")  # noqa: B023
+        finally:
+            sender.send_signal(signal.SIGKILL)
+            sender.wait(10)
+            assert sender.stderr is not None
+            sender.stderr.close()
+        assert rx.wait_for(streams_ended=k, timeout=5), f"death {k}: the stream was not retired"
+        assert rx.snapshot().streams == 0
+        ended = rx.finished[-1]
+        assert ended.packets >= 25 and ended.frames_played >= ended.packets - 1  # what arrived was played
     a_good_stream_still_plays(rx.port)
 
 

@@ -307,7 +307,10 @@ class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
         # close() waits for the stream's audio to play out: off the loop. When the receiver stops, it
         # has released its streams already, and the call ends as cancelled (as a synchronous server's
         # cancel() ends it) rather than waiting for the server's grace period.
-        totals = await asyncio.get_running_loop().run_in_executor(None, handler.close)
+        # Shielded: a sender that vanished has its call cancelled by gRPC about now, and a cancelled
+        # executor future that has not started never runs: the stream would play on (concealing) for good.
+        closing = asyncio.get_running_loop().run_in_executor(None, handler.close)
+        totals = await asyncio.shield(closing)
         if ended is not None:
             await context.abort(*ended)
         return totals_to_pb(totals)
