@@ -10,7 +10,10 @@ sender        ``tiality send 127.0.0.1:P -i tone://440 -q`` against ``tiality re
               --json``, once its packets reach the receiver plus a warm-up, over a steady window: CPU
               time (utime + stime from /proc/PID/stat, all threads) / wall time, as % of one core and
               microseconds per 20 ms packet. Next to it, against the same receiver, a bare gRPC client
-              stream (``--bare``, below): the same packets at the same rate, nothing else.
+              stream (``--bare``, below): the same packets at the same rate, nothing else; and the
+              same bare client encoding each packet first (``--bare --encode``: the sender's Opus
+              encoder and settings on the same tone), the floor for any sender that encodes, so that
+              sender / (bare + encode) is what tiality itself adds.
 start-up      the CPU of ``tiality send ... --seconds 0.02 --once -q`` from exec to its first packet,
               read from /proc by a minimal receiver in this process as that packet arrives, and from
               exec to exit (os.wait4's rusage); against ``python -c "import grpc"``.
@@ -368,14 +371,32 @@ def tone_packets(seconds: float = 2.0, freq: float = 440.0) -> tuple[list[bytes]
     return packets, info_to_pb(info).SerializeToString()
 
 
-def bare_client(target: str, seconds: float) -> None:
-    """A minimal gRPC client stream: the StreamFormat, then paced packets, nothing else (--bare)."""
-    import grpc
+def bare_client(target: str, seconds: float, encode: bool = False) -> None:
+    """A minimal gRPC client stream: the StreamFormat, then paced packets, nothing else (--bare).
 
+    ``encode``: each packet is encoded just before it is sent, by tiality's OpusEncoder at the sender's
+    defaults from a table of the tone's frames (as ``tone://`` reads them), instead of taken ready-made."""
+    import grpc
+    import numpy as np
+
+    from tiality_cli.codec import OpusEncoder
+    from tiality_cli.config import AudioFormat, CodecConfig
     from tiality_cli.net._proto import tiality_pb2 as pb
     from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
 
     packets, fmt = tone_packets()
+    audio = AudioFormat()
+    enc = OpusEncoder(audio, CodecConfig())
+    n = audio.frame_samples
+    t = np.arange(100 * n) / audio.sample_rate  # 2 s of 440 Hz: whole cycles, loops without a click
+    tone = np.round(32767 * 10 ** (-12 / 20) * np.sin(2 * np.pi * 440.0 * t)).astype(np.int16)
+    frames = np.repeat(tone[:, None], audio.channels, axis=1).reshape(100, n, audio.channels)
+
+    def payload(k: int) -> bytes:
+        if not encode:
+            return packets[k % 100]
+        np.copyto(enc.input, frames[k % 100])
+        return enc.encode()
 
     def messages() -> Iterator[pb.StreamMessage]:
         yield pb.StreamMessage(format=pb.StreamFormat.FromString(fmt))
@@ -384,7 +405,7 @@ def bare_client(target: str, seconds: float) -> None:
             delay = mono + (k + 1) * FRAME_NS - time.monotonic_ns()
             if delay > 0:
                 time.sleep(delay / 1e9)
-            packet = pb.AudioPacket(sequence=k, capture_time_ns=wall + k * FRAME_NS, payload=packets[k % 100])
+            packet = pb.AudioPacket(sequence=k, capture_time_ns=wall + k * FRAME_NS, payload=payload(k))
             yield pb.StreamMessage(packet=packet)
 
     with grpc.insecure_channel(target) as channel:
@@ -467,6 +488,7 @@ class SenderRun:
     load: float  # 1-minute load average at the start
     sender: float  # fractions of a core over the steady window
     bare: float
+    bare_encode: float  # the bare client, encoding each packet first
     recv_idle: float
     recv_sender: float  # the receiver, playing the sender's stream
     recv_bare: float
@@ -474,6 +496,11 @@ class SenderRun:
     @property
     def ratio(self) -> float:
         return self.sender / self.bare if self.bare > 0 else float("inf")
+
+    @property
+    def own_ratio(self) -> float:
+        """What tiality adds to a client that encodes and streams: sender / (bare + encode)."""
+        return self.sender / self.bare_encode if self.bare_encode > 0 else float("inf")
 
 
 def us_per_packet(cores: float) -> float:
@@ -506,7 +533,11 @@ def sender_vs_bare(plan: Plan) -> SenderRun:
         s, rs = _stream_window(recv, sender, "tiality send", plan)
         bare = helper("--bare", target, "--seconds", str(plan.warmup_s + plan.window_s + WAIT_S))
         b, rb = _stream_window(recv, bare, "bare client", plan)
-    return SenderRun(load, s, b, idle, rs, rb)
+        bare_enc = helper(
+            "--bare", target, "--encode", "--seconds", str(plan.warmup_s + plan.window_s + WAIT_S)
+        )
+        be, _ = _stream_window(recv, bare_enc, "bare client + encode", plan)
+    return SenderRun(load, s, b, be, idle, rs, rb)
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,11 +788,17 @@ def summary_table(res: Results) -> list[str]:
 
     sender = [s.sender * 100 for s in ss]
     bare = [s.bare * 100 for s in ss]
+    bare_enc = [s.bare_encode * 100 for s in ss]
     figs = [
         Figure("`tiality send -i tone://440 -q`, steady", sender, ".2f", core, sl, extra=per_packet(sender)),
         Figure("bare gRPC client stream, same packets", bare, ".2f", core, sl, extra=per_packet(bare)),
         Figure("sender / bare gRPC stream", [s.ratio for s in ss], ".2f", "x", sl,
                TARGET_SENDER_RATIO, f"<= {TARGET_SENDER_RATIO:g} x"),
+        Figure("bare gRPC client stream + the sender's Opus encode per packet", bare_enc, ".2f", core, sl,
+               extra=per_packet(bare_enc)),
+        Figure("(bare + encode) / bare: the encode's share", [s.bare_encode / s.bare for s in ss], ".2f",
+               "x", sl),
+        Figure("sender / (bare + encode): what tiality adds", [s.own_ratio for s in ss], ".2f", "x", sl),
         Figure("sender CPU, exec to its first packet's arrival (`--seconds 0.02 --once -q`)",
                [s.first_packet_s for s in st], ".2f", "s", [s.load for s in st],
                TARGET_START_CPU_S, f"<= {TARGET_START_CPU_S:g} s"),
@@ -918,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(PARTS), help=f"parts to run: {','.join(PARTS)} (default all)")
     ap.add_argument("--write", action="store_true", help="rewrite the cpu.py block of docs/performance.md")
     ap.add_argument("--bare", metavar="HOST:PORT", help="only run the bare client stream to HOST:PORT")
+    ap.add_argument("--encode", action="store_true", help="with --bare: encode each packet (Opus) first")
     ap.add_argument("--loadgen", metavar="HOST:PORT", help="only run the load generator (--streams N)")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long --bare or --loadgen streams")
     args = ap.parse_args(args_in)
@@ -925,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(parts) - set(PARTS) or (args.write and set(parts) != set(PARTS)):
         ap.error(f"--only: parts are {', '.join(PARTS)}; --write needs all of them")
     if args.bare:
-        bare_client(args.bare, args.seconds)
+        bare_client(args.bare, args.seconds, args.encode)
         return 0
     if args.loadgen:
         load_generator(args.loadgen, int(args.streams or 1), args.seconds)

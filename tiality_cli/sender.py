@@ -6,11 +6,14 @@ Usable from the robot's own code without the CLI::
         ...                                                               # tx.snapshot() for figures
     result = Sender(source, SenderConfig(endpoint)).run()                 # or block until it ends
 
-Two threads: the capture thread reads the source (the sound card's clock paces it), encodes each frame
-and appends it to the backlog; the link's thread (gRPC's request iterator) takes packets from it.
-``start()`` runs the whole of ``run()`` on a thread of its own; ``stop()`` ends it and joins them all.
-When the network blocks, capture carries on and the oldest packets are dropped once the backlog exceeds
-``max_backlog_ms`` (counted): audio never piles up into latency.
+While streaming, the link's thread (gRPC's request iterator) reads each frame from the source itself
+(the sound card's clock paces it), encodes it and hands it to gRPC: one thread wakes per packet, as in a
+bare gRPC client stream. The capture thread only watches, waking every ``TAKEOVER_MS``: when the link
+has not come back from gRPC for that long (flow control has blocked it), and while connecting or
+reconnecting, it reads and encodes instead, into the backlog; the link sends the backlog first and then
+reads for itself again. The oldest packets are dropped once the backlog exceeds ``max_backlog_ms``
+(counted): audio never piles up into latency. ``start()`` runs the whole of ``run()`` on a thread of
+its own; ``stop()`` ends it and joins them all.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ from tiality_cli.stats import RateMeter, dbfs, frame_levels
 BACKOFF_FIRST_S = 0.1  # first retry after an outage
 BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about half a second
 METER_EVERY_MS = 100.0  # the level figures (peak, RMS) are those of one frame in every 100 ms
+# The capture thread takes the source over from a link that has been inside gRPC this long. Longer
+# costs nothing on a paced source (tone://, file: catch up) and, on a device, only audio that a blocked
+# link could not have delivered in time anyway (the device's stale-audio rule drops it, counted in
+# capture_dropped_ms); shorter wakes the watcher more often (each wake costs what the hand-off saved).
+TAKEOVER_MS = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +193,21 @@ class Sender:
         self.stats = SenderStats()
         self._backlog: deque[Packet] = deque()
         self._max_backlog = max(1, int(config.max_backlog_ms * 1000 // self.format.frame_us))
-        self._ready = Wake()  # the capture thread posts each frame; the link thread waits (C-level)
+        # Who reads the source: the link's thread while it keeps up (``_inline``), else the capture
+        # thread. ``_reader`` is held for each read + encode, by whichever thread does it.
+        self._reader = threading.Lock()
+        self._inline = False
+        self._yields = 0  # items the link's thread has handed to gRPC (the watcher sees it move)
+        self._stream_id = 0  # bumped when a stream ends: its request iterator must not read any more
+        self._watch = Wake()  # wakes the capture thread early: the link let go of the source, or the end
+        fmt = self.format
+        self._limit = None if config.seconds is None else round(config.seconds * 1e6 / fmt.frame_us)
+        self._dropped_ns = 0  # the source's dropped_ns as last seen
+        # The level is read a few times a second (live view 4 Hz, JSON 1 Hz): measure one frame in
+        # every METER_EVERY_MS of audio, not every frame (its numpy calls cost as much as the tone).
+        self._meter_every = max(1, round(METER_EVERY_MS * 1000 / fmt.frame_us))
+        self._meter_in = 0
+        self._scratch = np.zeros(self.encoder.input.shape, dtype=np.float32)  # the meter's, allocated once
         self._captured_all = threading.Event()
         self._stop = threading.Event()
         self._capture_error: BaseException | None = None
@@ -264,7 +286,7 @@ class Sender:
         """
         self._stop.set()
         self.source.close()
-        self._ready.post()
+        self._watch.post()
         link = self._link
         if link is not None and not self._streaming:
             link.close()  # wakes a wait_ready() in progress
@@ -309,53 +331,75 @@ class Sender:
             last_error=st.last_error,
         )
 
-    # ---- capture thread -------------------------------------------------------------------------------
-    def _capture(self) -> None:
-        fmt, enc, st = self.format, self.encoder, self.stats
-        limit = None if self.config.seconds is None else round(self.config.seconds * 1e6 / fmt.frame_us)
-        seq = 0
-        buf = enc.input
-        scratch = np.zeros(buf.shape, dtype=np.float32)  # the level meter's, allocated once
-        src, wall, frame_ns = self.source, self.clock.wall_ns, fmt.frame_ns
-        dropped_ns = src.dropped_ns
-        ready = self._ready.post
-        # The level is read a few times a second (live view 4 Hz, JSON 1 Hz): measure one frame in
-        # every METER_EVERY_MS of audio, not every frame (its numpy calls cost as much as the tone).
-        meter_every = max(1, round(METER_EVERY_MS * 1000 / fmt.frame_us))
-        meter_in = 0
+    # ---- capture ------------------------------------------------------------------------------------
+    def _read_frame(self) -> Packet | None:
+        """Reads, meters and encodes the next frame (the caller holds ``_reader``); None at the end."""
+        seq = self._next_seq
+        if self._stop.is_set() or (self._limit is not None and seq >= self._limit):
+            return None
+        src, st, enc = self.source, self.stats, self.encoder
+        t = src.read(enc.input)
+        if t is None:
+            return None
+        delay = self.clock.wall_ns() - t - self.format.frame_ns  # waited in the device once complete
+        if src.dropped_ns != self._dropped_ns:
+            # The source dropped stale frames: the sequence counts audio time, so it skips them too,
+            # and the receiver plays this frame at its true place instead of late.
+            seq += round((src.dropped_ns - self._dropped_ns) / self.format.frame_ns)
+            self._dropped_ns = src.dropped_ns
+            st.capture_dropped_ms = self._dropped_ns / 1e6
+        if self._meter_in == 0:
+            st.peak, st.rms = frame_levels(enc.input, self._scratch)
+            self._meter_in = self._meter_every
+        self._meter_in -= 1
+        payload = enc.encode()
+        self._next_seq = seq + 1
+        st.frames_captured += 1
+        return (seq, t, payload, delay if delay > 0 else 0)
+
+    def _read_or_end(self) -> Packet | None:
+        """``_read_frame``; at the end (or on an error, kept for run() to raise) capture is over."""
         try:
-            while not self._stop.is_set() and (limit is None or seq < limit):
-                t = src.read(buf)
-                if t is None:
-                    break
-                delay = wall() - t - frame_ns  # how long the frame waited in the device once complete
-                if src.dropped_ns != dropped_ns:
-                    # The source dropped stale frames: the sequence counts audio time, so it skips them
-                    # too, and the receiver plays this frame at its true place instead of late.
-                    seq += round((src.dropped_ns - dropped_ns) / frame_ns)
-                    dropped_ns = src.dropped_ns
-                    st.capture_dropped_ms = dropped_ns / 1e6
-                if meter_in == 0:
-                    st.peak, st.rms = frame_levels(buf, scratch)
-                    meter_in = meter_every
-                meter_in -= 1
-                payload = enc.encode()
-                self._backlog.append((seq, t, payload, delay if delay > 0 else 0))
-                if len(self._backlog) > self._max_backlog:
-                    self._backlog.popleft()
-                    st.dropped += 1
-                st.backlog = n = len(self._backlog)
-                if n > st.backlog_peak:
-                    st.backlog_peak = n
-                seq += 1
-                self._next_seq = seq
-                st.frames_captured += 1
-                ready()
+            item = self._read_frame()
         except BaseException as exc:  # surfaced by run() on the caller's thread
             self._capture_error = exc
-        finally:
+            item = None
+        if item is None:
             self._captured_all.set()
-            self._ready.post()
+            self._watch.post()
+        return item
+
+    def _capture(self) -> None:
+        """The capture thread: watches the link, and reads into the backlog while the link cannot."""
+        backlog, st, reader, watch = self._backlog, self.stats, self._reader, self._watch
+        takeover_s = TAKEOVER_MS / 1000
+        try:
+            self._watch_and_capture(backlog, st, reader, watch, takeover_s)
+        finally:
+            self._captured_all.set()  # however this thread ends, the link sends what is left and ends
+
+    def _watch_and_capture(
+        self, backlog: deque[Packet], st: SenderStats, reader: threading.Lock, watch: Wake, takeover_s: float
+    ) -> None:
+        while not self._captured_all.is_set():
+            if self._inline:
+                seen = self._yields
+                if watch.wait(takeover_s) or not self._inline or self._yields != seen or reader.locked():
+                    continue  # woken early, or the link is reading or has sent something since
+                self._inline = False  # inside gRPC for TAKEOVER_MS: flow control holds it; read here
+            with reader:
+                if self._inline or self._captured_all.is_set():
+                    continue  # the link took the source back while this thread waited for it
+                item = self._read_or_end()
+            if item is None:
+                return
+            backlog.append(item)
+            if len(backlog) > self._max_backlog:
+                backlog.popleft()
+                st.dropped += 1
+            st.backlog = n = len(backlog)
+            if n > st.backlog_peak:
+                st.backlog_peak = n
 
     # ---- network side ---------------------------------------------------------------------------------
     def _messages(self) -> Iterator[Outgoing]:
@@ -368,6 +412,7 @@ class Sender:
             fresh = self._capture_thread is None
             if fresh:
                 self.source.open()
+                self._inline = True  # this thread reads from the first frame on
                 t = threading.Thread(target=self._capture, name="tiality-capture", daemon=True)
                 t.start()
                 self._capture_thread = t
@@ -376,6 +421,7 @@ class Sender:
             while len(self._backlog) > 1:
                 self._backlog.popleft()
                 st.dropped += 1
+        stream_id = self._stream_id
         yield StreamInfo(
             format=fmt,
             algorithm_delay=self.encoder.lookahead,
@@ -387,22 +433,33 @@ class Sender:
         )
         self._set_state("streaming")
         st.attempt = 0
-        backlog, ready = self._backlog, self._ready
+        backlog, reader, captured_all = self._backlog, self._reader, self._captured_all
         while True:
             est = self._clock_pending
             if est is not None:
                 self._clock_pending = None
+                self._yields += 1
                 yield est
-            try:
-                item = backlog.popleft()
-            except IndexError:
-                if self._captured_all.is_set():
-                    return
-                ready.wait(0.5)
-                continue
+            if backlog:  # what the capture thread read while this one could not: it goes first
+                try:
+                    item = backlog.popleft()
+                except IndexError:  # the capture thread dropped it (backlog full) meanwhile
+                    continue
+            else:
+                if captured_all.is_set() or stream_id != self._stream_id:
+                    return  # the end of the audio, or this stream has ended: a new one reads on
+                self._inline = True
+                with reader:  # the capture thread may be finishing a read into the backlog
+                    if backlog:
+                        continue
+                    read = self._read_or_end()
+                if read is None:
+                    continue  # sends what the backlog still holds, then ends
+                item = read
             st.backlog = len(backlog)
             st.packets_sent += 1
             st.bytes_sent += len(item[2])
+            self._yields += 1
             yield item
 
     def run(self) -> SendResult:
@@ -491,6 +548,9 @@ class Sender:
             return link.stream(self._messages())
         finally:
             self._streaming = False
+            self._stream_id += 1  # its request iterator reads no more (gRPC may call it once more)
+            self._inline = False  # the capture thread reads until the next stream opens
+            self._watch.post()
             done.set()
             link.close()
             self._link = None
@@ -505,9 +565,8 @@ class Sender:
                 return  # an older receiver, or a hiccup: latency then assumes synchronised clocks
             self.clock_filter.add(s)
         best = self.clock_filter.best()
-        if best is not None:
+        if best is not None:  # sent before the next packet (within a frame)
             self._clock_pending = ClockEstimate(best.offset_ns, best.round_trip_ns, self.clock_filter.count)
-            self._ready.post()
 
     def _clock_loop(self, link: Link, done: threading.Event) -> None:
         if not done.wait(0.05) and not self._stop.is_set():  # the stream has opened meanwhile
