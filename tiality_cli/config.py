@@ -95,7 +95,7 @@ class CodecConfig:
     """Opus encoder settings."""
 
     bitrate: int = DEFAULT_BITRATE  # bits/s; Opus accepts 6000..510000
-    complexity: int = 10  # 0..10; lower it on a busy Pi Zero (5 costs about half the CPU)
+    complexity: int = 10  # 0..10; lower saves CPU in audio, restricted-lowdelay; not in voip
     application: str = DEFAULT_APPLICATION  # see DEFAULT_APPLICATION for why
     inband_fec: bool = False  # costs bitrate; helps only when packets are actually lost
     dtx: bool = False  # saves bandwidth in silence, at the cost of comfort noise

@@ -141,7 +141,11 @@ def send(
     ] = 48_000,
     channels: Annotated[int, typer.Option(help="Encoded channels: 1 or 2.")] = 2,
     complexity: Annotated[
-        int, typer.Option(help="Opus complexity 0-10 (lower saves CPU on a Pi Zero).")
+        int,
+        typer.Option(
+            help="Opus complexity 0-10. Lower saves CPU with --application audio or restricted-lowdelay, "
+            "not with voip (the default): there 8-10 cost the same and 1-7 more."
+        ),
     ] = 10,
     application: Annotated[
         str,
