@@ -96,6 +96,8 @@ class SdCapture:
         self._closing = False
         self._frame_ns = fmt.frame_ns
         self._pa_time = PaTimeMap()
+        self._close_lock = _threading.Lock()
+        self._stream_closed = False
         try:
             self._stream = sd.InputStream(
                 device=index,
@@ -159,11 +161,18 @@ class SdCapture:
             return int(self._times[slot])
 
     def close(self) -> None:
+        """Ends reads at once; stops and closes the stream once, whichever threads call it (a sender's
+        ``stop()`` and the end of its ``run()`` may close together: two concurrent Pa_StopStream calls
+        on one stream, one of them closing it, hung ``send -i sd://`` at exit)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._stream.stop()
-        self._stream.close()
+        with self._close_lock:
+            if self._stream_closed:
+                return
+            self._stream_closed = True
+            self._stream.stop()
+            self._stream.close()
 
 
 class PaTimeMap:
