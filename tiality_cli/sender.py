@@ -12,12 +12,15 @@ bare gRPC client stream. The capture thread only watches, waking every ``TAKEOVE
 has not come back from gRPC for that long (flow control has blocked it), and while connecting or
 reconnecting, it reads and encodes instead, into the backlog; the link sends the backlog first and then
 reads for itself again. The oldest packets are dropped once the backlog exceeds ``max_backlog_ms``
-(counted): audio never piles up into latency. ``start()`` runs the whole of ``run()`` on a thread of
-its own; ``stop()`` ends it and joins them all.
+(counted in ``dropped``): audio never piles up into latency. On a device, the audio of the first
+``TAKEOVER_MS`` of a block is dropped by the source's own stale-audio rule instead (counted in
+``capture_dropped_ms``): a link blocked that long could not have delivered it in time anyway.
+``start()`` runs the whole of ``run()`` on a thread of its own; ``stop()`` ends it and joins them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import threading
@@ -375,8 +378,12 @@ class Sender:
         takeover_s = TAKEOVER_MS / 1000
         try:
             self._watch_and_capture(backlog, st, reader, watch, takeover_s)
+        except BaseException as exc:  # surfaced by run() on the caller's thread
+            if self._capture_error is None:
+                self._capture_error = exc
         finally:
             self._captured_all.set()  # however this thread ends, the link sends what is left and ends
+            watch.post()
 
     def _watch_and_capture(
         self, backlog: deque[Packet], st: SenderStats, reader: threading.Lock, watch: Wake, takeover_s: float
@@ -387,27 +394,30 @@ class Sender:
                 if watch.wait(takeover_s) or not self._inline or self._yields != seen or reader.locked():
                     continue  # woken early, or the link is reading or has sent something since
                 self._inline = False  # inside gRPC for TAKEOVER_MS: flow control holds it; read here
-            with reader:
+            with reader:  # the frame is in the backlog before the link can read the next one
                 if self._inline or self._captured_all.is_set():
                     continue  # the link took the source back while this thread waited for it
                 item = self._read_or_end()
-            if item is None:
-                return
-            backlog.append(item)
-            if len(backlog) > self._max_backlog:
-                backlog.popleft()
-                st.dropped += 1
-            st.backlog = n = len(backlog)
-            if n > st.backlog_peak:
-                st.backlog_peak = n
+                if item is None:
+                    return
+                backlog.append(item)
+                if len(backlog) > self._max_backlog:
+                    with contextlib.suppress(IndexError):  # unless the link has just sent them all
+                        backlog.popleft()
+                        st.dropped += 1
+                st.backlog = n = len(backlog)
+                if n > st.backlog_peak:
+                    st.backlog_peak = n
 
     # ---- network side ---------------------------------------------------------------------------------
-    def _messages(self) -> Iterator[Outgoing]:
+    def _messages(self, stream_id: int) -> Iterator[Outgoing]:
+        """The items of the stream ``stream_id``. Once that stream has ended (``_stream_once`` moves the
+        id on), gRPC may still call its iterator; it then ends without touching the source or backlog."""
         fmt, st, cfg = self.format, self.stats, self.config
         # Capture starts when the link starts pulling this iterator, i.e. once the call is open: audio
         # captured while connecting would reach the receiver as a burst of already-old packets.
         with self._capture_lock:  # run() may be ending on another thread (the stream refused at once)
-            if self._stop.is_set():
+            if self._stop.is_set() or stream_id != self._stream_id:
                 return
             fresh = self._capture_thread is None
             if fresh:
@@ -421,7 +431,6 @@ class Sender:
             while len(self._backlog) > 1:
                 self._backlog.popleft()
                 st.dropped += 1
-        stream_id = self._stream_id
         yield StreamInfo(
             format=fmt,
             algorithm_delay=self.encoder.lookahead,
@@ -435,6 +444,8 @@ class Sender:
         st.attempt = 0
         backlog, reader, captured_all = self._backlog, self._reader, self._captured_all
         while True:
+            if stream_id != self._stream_id:
+                return  # this stream has ended: what the backlog holds goes to the next one
             est = self._clock_pending
             if est is not None:
                 self._clock_pending = None
@@ -446,8 +457,8 @@ class Sender:
                 except IndexError:  # the capture thread dropped it (backlog full) meanwhile
                     continue
             else:
-                if captured_all.is_set() or stream_id != self._stream_id:
-                    return  # the end of the audio, or this stream has ended: a new one reads on
+                if captured_all.is_set():
+                    return  # the end of the audio
                 self._inline = True
                 with reader:  # the capture thread may be finishing a read into the backlog
                     if backlog:
@@ -545,10 +556,10 @@ class Sender:
             if self._stop.is_set():
                 raise ConnectError("stopped")
             self._streaming = True
-            return link.stream(self._messages())
+            return link.stream(self._messages(self._stream_id))
         finally:
             self._streaming = False
-            self._stream_id += 1  # its request iterator reads no more (gRPC may call it once more)
+            self._stream_id += 1  # its request iterator takes nothing more (gRPC may call it again)
             self._inline = False  # the capture thread reads until the next stream opens
             self._watch.post()
             done.set()
