@@ -204,6 +204,7 @@ class Sender:
         self._stream_id = 0  # bumped when a stream ends: its request iterator must not read any more
         self._watch = Wake()  # wakes the capture thread early: the link let go of the source, or the end
         fmt = self.format
+        self._frame_ns = fmt.frame_ns
         self._limit = None if config.seconds is None else round(config.seconds * 1e6 / fmt.frame_us)
         self._dropped_ns = 0  # the source's dropped_ns as last seen
         # The level is read a few times a second (live view 4 Hz, JSON 1 Hz): measure one frame in
@@ -216,6 +217,8 @@ class Sender:
         self._capture_error: BaseException | None = None
         self._capture_thread: threading.Thread | None = None
         self._capture_lock = threading.Lock()
+        self._source_lock = threading.Lock()  # the source is closed once: stop() and run()'s end may race
+        self._source_closed = False
         self.clock_filter = ClockFilter()
         self._clock_pending: ClockEstimate | None = None
         self._next_seq = 0  # the sequence number of the next frame captured
@@ -288,7 +291,7 @@ class Sender:
         connecting or reconnecting ends at once and quietly (no error). ``wait=False`` only asks.
         """
         self._stop.set()
-        self.source.close()
+        self._close_source()
         self._watch.post()
         link = self._link
         if link is not None and not self._streaming:
@@ -301,6 +304,15 @@ class Sender:
             if link is not None:
                 link.close()  # cancels a stream the receiver does not answer
             self._thread.join(timeout)
+
+    def _close_source(self) -> None:
+        """Closes the source (a blocked read returns None) exactly once, whichever threads get here:
+        ``stop()`` on the caller's thread and the end of ``run()`` often do, at the same moment, and a
+        device closed on two threads at once can hang (PortAudio's stop and close did)."""
+        with self._source_lock:
+            if not self._source_closed:
+                self._source_closed = True
+                self.source.close()
 
     def __enter__(self) -> Sender:
         self.start()
@@ -344,11 +356,11 @@ class Sender:
         t = src.read(enc.input)
         if t is None:
             return None
-        delay = self.clock.wall_ns() - t - self.format.frame_ns  # waited in the device once complete
+        delay = self.clock.wall_ns() - t - self._frame_ns  # waited in the device once complete
         if src.dropped_ns != self._dropped_ns:
             # The source dropped stale frames: the sequence counts audio time, so it skips them too,
             # and the receiver plays this frame at its true place instead of late.
-            seq += round((src.dropped_ns - self._dropped_ns) / self.format.frame_ns)
+            seq += round((src.dropped_ns - self._dropped_ns) / self._frame_ns)
             self._dropped_ns = src.dropped_ns
             st.capture_dropped_ms = self._dropped_ns / 1e6
         if self._meter_in == 0:
@@ -377,37 +389,32 @@ class Sender:
         backlog, st, reader, watch = self._backlog, self.stats, self._reader, self._watch
         takeover_s = TAKEOVER_MS / 1000
         try:
-            self._watch_and_capture(backlog, st, reader, watch, takeover_s)
+            while not self._captured_all.is_set():
+                if self._inline:
+                    seen = self._yields
+                    if watch.wait(takeover_s) or not self._inline or self._yields != seen or reader.locked():
+                        continue  # woken early, or the link is reading or has sent something since
+                    self._inline = False  # inside gRPC for TAKEOVER_MS: flow control holds it; read here
+                with reader:  # the frame is in the backlog before the link can read the next one
+                    if self._inline or self._captured_all.is_set():
+                        continue  # the link took the source back while this thread waited for it
+                    item = self._read_or_end()
+                    if item is None:
+                        return
+                    backlog.append(item)
+                    if len(backlog) > self._max_backlog:
+                        with contextlib.suppress(IndexError):  # unless the link has just sent them all
+                            backlog.popleft()
+                            st.dropped += 1
+                    st.backlog = n = len(backlog)
+                    if n > st.backlog_peak:
+                        st.backlog_peak = n
         except BaseException as exc:  # surfaced by run() on the caller's thread
             if self._capture_error is None:
                 self._capture_error = exc
         finally:
             self._captured_all.set()  # however this thread ends, the link sends what is left and ends
             watch.post()
-
-    def _watch_and_capture(
-        self, backlog: deque[Packet], st: SenderStats, reader: threading.Lock, watch: Wake, takeover_s: float
-    ) -> None:
-        while not self._captured_all.is_set():
-            if self._inline:
-                seen = self._yields
-                if watch.wait(takeover_s) or not self._inline or self._yields != seen or reader.locked():
-                    continue  # woken early, or the link is reading or has sent something since
-                self._inline = False  # inside gRPC for TAKEOVER_MS: flow control holds it; read here
-            with reader:  # the frame is in the backlog before the link can read the next one
-                if self._inline or self._captured_all.is_set():
-                    continue  # the link took the source back while this thread waited for it
-                item = self._read_or_end()
-                if item is None:
-                    return
-                backlog.append(item)
-                if len(backlog) > self._max_backlog:
-                    with contextlib.suppress(IndexError):  # unless the link has just sent them all
-                        backlog.popleft()
-                        st.dropped += 1
-                st.backlog = n = len(backlog)
-                if n > st.backlog_peak:
-                    st.backlog_peak = n
 
     # ---- network side ---------------------------------------------------------------------------------
     def _messages(self, stream_id: int) -> Iterator[Outgoing]:
@@ -528,7 +535,7 @@ class Sender:
                 capture = self._capture_thread
             if capture is not None:
                 capture.join(timeout=2.0)
-            self.source.close()
+            self._close_source()
 
     def _stream_once(self) -> StreamTotals:
         """One connection and one stream; raises a TialityError when either fails."""
