@@ -38,6 +38,7 @@ FLL_MIN_GAIN = 0.02  # its gain falls as 1/n to this floor: it averages, then tr
 FLL_ACQUIRE_BLOCKS = 30  # blocks measured in a row once B first leaves the dead band (averaging the noise)
 FLOOR_WINDOW_S = 2.0  # m's window: enough packets to find the floor, and a route change's new one in 2 s
 SINK_WINDOW_S = 0.5  # how much of the sink's audio its timeline is fitted over (see SinkTimeline)
+SINK_STEP_NS = 1e6  # the fitted offset moving this much at once is a step (an xrun), not the clock's drift
 TARGET_EVERY = 8  # packets between two evaluations of the jitter percentile
 
 
@@ -143,6 +144,7 @@ class SinkTimeline:
     def __init__(self, rate: int) -> None:
         self.rate = rate
         self.pulled = 0  # samples pulled since playout started
+        self.offset = math.nan  # the fitted offset: due time - pulled / rate (nan before the first pull)
         self._q: deque[tuple[int, float]] = deque()  # (pulled, now - pulled / rate), increasing
 
     def due(self, now: int, n: int) -> float:
@@ -155,7 +157,8 @@ class SinkTimeline:
         while q[0][0] < pulled - SINK_WINDOW_S * self.rate:
             q.popleft()
         self.pulled = pulled + n
-        return pulled * 1e9 / self.rate + q[0][1]
+        self.offset = q[0][1]
+        return pulled * 1e9 / self.rate + self.offset
 
 
 @dataclass(slots=True)
@@ -229,8 +232,10 @@ class DriftLoop:
         if t < FLL_BLOCK_NS:
             return None
         first, second = self.first, self.second
-        complete = first.pulls > 0 and second.pulls > 0
-        slope = (second.level - first.level) / (FLL_BLOCK_NS / 2) if complete else 0.0
+        slope = (second.level - first.level) / (FLL_BLOCK_NS / 2) if first.pulls and second.pulls else 0.0
+        # A slope beyond any clock's drift is a step that nothing accounted for (a stall of the sender's
+        # capture, say), not a rate: such a block is not measured.
+        complete = first.pulls > 0 and second.pulls > 0 and abs(slope) <= MAX_DRIFT
         if self.left_band and self.acquiring < 0:
             self.acquiring = FLL_ACQUIRE_BLOCKS
         measured, self.left_band = (self.left_band or self.acquiring > 0) and complete, False
@@ -403,7 +408,16 @@ class LatencyController:
             self.target_ns = max(self.desired_ns, self.target_ns - policy.shrink_ns_per_s * dt)
         # B: when does next_frame's first sample play (after this block and the queue), relative to its
         # earliest possible arrival?
+        offset = self.sink.offset
         t = self.sink.due(now, block)
+        step = self.sink.offset - offset
+        if abs(step) > SINK_STEP_NS:
+            # The output slipped (an underrun, a device restarted later) and the fit has caught up with it
+            # now: B moves by the step at once, which the step corrections take back, but it is no trend
+            # of the sender's clock, so the drift loop must not see it (as with the floor's rebuild). Its
+            # current block goes too: the fit rose toward the step as the old pulls left its window.
+            self.drift.moved_ns -= step
+            self.drift.restart()
         b = t + (queued + block) * 1e9 / self.rate - self.schedule.at(next_frame) - self.floor.value
         err = b - self.target_ns
         self.buffer_ns, self.error_ns = b, err
