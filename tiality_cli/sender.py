@@ -35,13 +35,12 @@ from tiality_cli.clocksync import ClockFilter
 from tiality_cli.codec import OpusEncoder
 from tiality_cli.config import AudioFormat, ClientSecurity, CodecConfig, Endpoint, parse_endpoint
 from tiality_cli.errors import AuthError, ConfigError, ConnectError, RejectedError
-from tiality_cli.io.base import CaptureOptions, Source
+from tiality_cli.io.base import CaptureOptions, Source, realtime_thread
 from tiality_cli.link import ClockEstimate, Connector, Link, Outgoing, Packet, StreamInfo, StreamTotals
-from tiality_cli.stats import RateMeter, dbfs, frame_levels
+from tiality_cli.stats import METER_EVERY_MS, RateMeter, dbfs, frame_levels
 
 BACKOFF_FIRST_S = 0.1  # first retry after an outage
 BACKOFF_MAX_S = 0.5  # cap: a returning receiver gets audio again within about half a second
-METER_EVERY_MS = 100.0  # the level figures (peak, RMS) are those of one frame in every 100 ms
 # The capture thread takes the source over from a link that has been inside gRPC this long. Longer
 # costs nothing on a paced source (tone://, file: catch up) and, on a device, only audio that a blocked
 # link could not have delivered in time anyway (the device's stale-audio rule drops it, counted in
@@ -388,6 +387,7 @@ class Sender:
         """The capture thread: watches the link, and reads into the backlog while the link cannot."""
         backlog, st, reader, watch = self._backlog, self.stats, self._reader, self._watch
         takeover_s = TAKEOVER_MS / 1000
+        realtime_thread()
         try:
             while not self._captured_all.is_set():
                 if self._inline:
@@ -427,6 +427,7 @@ class Sender:
             if self._stop.is_set() or stream_id != self._stream_id:
                 return
             fresh = self._capture_thread is None
+            realtime_thread()  # gRPC's thread for this stream reads the device (a thread per stream)
             if fresh:
                 self.source.open()
                 self._inline = True  # this thread reads from the first frame on

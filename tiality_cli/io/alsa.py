@@ -19,7 +19,7 @@ from tiality_cli.clock import Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import DeviceError
 from tiality_cli.io.backends import load_alsaaudio
-from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn, Freshness
+from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn, Freshness, realtime_thread
 from tiality_cli.io.listing import device_error, ranges
 from tiality_cli.io.routing import ChannelRouter
 
@@ -279,6 +279,7 @@ class AlsaPlayback:
         pcm = self._pcm
         buf = np.zeros((self.period, fmt.channels), dtype=np.int16)
         n = len(buf)
+        realtime_thread()
         try:
             while not self._stop.is_set():
                 if fill(buf):

@@ -15,6 +15,7 @@ keeps only the blocks for which it returned True, so a file holds exactly the st
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +171,25 @@ class AppSink:
         pass
 
 
+REALTIME_PRIORITY = 4  # SCHED_FIFO priority of the audio threads: below the sound server's (PulseAudio 5)
+REALTIME_ENV = "TIALITY_REALTIME"  # 0 keeps every thread in the ordinary policy
+
+
+def realtime_thread(priority: int = REALTIME_PRIORITY) -> bool:
+    """Moves the calling thread to SCHED_FIFO at ``priority``, as sound servers and JACK clients run
+    theirs: a device thread then preempts ordinary work (a build, a browser, the robot's own software)
+    the moment its period is due, instead of waiting for its time slice behind it. False where the OS
+    refuses (no CAP_SYS_NICE or RLIMIT_RTPRIO, not Linux) or ``TIALITY_REALTIME=0`` says not to: the
+    thread runs on as it was."""
+    if os.environ.get(REALTIME_ENV, "1").strip().lower() in ("0", "no", "false", "off"):
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 class ClockedSink:
     """Base for sinks with no hardware clock: a thread calls ``fill`` once per frame period."""
 
@@ -183,7 +203,10 @@ class ClockedSink:
         self.late_ticks = 0  # ticks that ran more than one period behind schedule (a busy machine)
         self.limit_seconds: float | None = None  # keep no more than this much audio (recv --seconds)
         self._clock = clock
-        self._stop = threading.Event()
+        # Held while running, released by stop(): the 200 waits a second are one C call each, where
+        # threading.Event.wait is a Python Condition that allocates a lock per call (as in Pacer).
+        self._halt = threading.Lock()
+        self._stopped = True
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -193,7 +216,8 @@ class ClockedSink:
     def start(self, fill: FillFn) -> None:
         if self.format is None:
             raise RuntimeError("open() the sink before start()")
-        self._stop.clear()
+        self._halt.acquire(blocking=False)  # held from here until stop()
+        self._stopped = False
         self._thread = threading.Thread(
             target=self._run, args=(fill, self.format), name=self.name, daemon=True
         )
@@ -206,11 +230,12 @@ class ClockedSink:
         buf = np.zeros((block, fmt.channels), dtype=np.int16)
         period = block * 1_000_000_000 // fmt.sample_rate
         due = self._clock.monotonic_ns()
-        while not self._stop.is_set():
+        while not self._stopped:
             due += period
             delay = due - self._clock.monotonic_ns()
             if delay > 0:
-                if self._stop.wait(delay / 1e9):
+                if self._halt.acquire(timeout=delay / 1e9):
+                    self._halt.release()  # stopped: leave it released
                     break
             elif delay < -period:
                 self.late_ticks += 1
@@ -229,7 +254,9 @@ class ClockedSink:
         """Takes one frame of stream audio (called on the sink's thread)."""
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped = True
+        with contextlib.suppress(RuntimeError):  # already released (stop() twice)
+            self._halt.release()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -17,7 +17,7 @@ from tiality_cli.clock import Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import DeviceError
 from tiality_cli.io.backends import load_sounddevice
-from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn, Freshness
+from tiality_cli.io.base import BLOCK_US, NS, POLL_MS, STALL_S, FillFn, Freshness, realtime_thread
 from tiality_cli.io.listing import device_error, sd_defaults, sd_match
 from tiality_cli.io.routing import ChannelRouter
 
@@ -81,6 +81,7 @@ class SdCapture:
         self.dropped_ns = 0
         self._router = router
         self._clock = clock
+        self._realtime: bool | None = None  # the callback thread's scheduling: None until it first runs
         self._fresh = Freshness(fmt.frame_samples)
         sd, index, info = sd_device(uri, query, True)
         self.device = f"sd://{index} ({info['name']})"
@@ -114,6 +115,8 @@ class SdCapture:
 
     def _callback(self, indata: npt.NDArray[np.int16], frames: int, time: Any, status: Any) -> None:
         now = self._clock.wall_ns()
+        if self._realtime is None:  # PortAudio's ALSA host API leaves its callback thread unscheduled
+            self._realtime = realtime_thread()
         if status.input_overflow:
             self.overruns += 1
         # PortAudio's ADC time of the first sample; never later than one frame before now.
@@ -220,6 +223,7 @@ class SdPlayback:
         self.delay_ns = 0  # from the callback to the DAC, as PortAudio last reported it
         self.error: BaseException | None = None
         self._clock = clock
+        self._realtime: bool | None = None  # the callback thread's scheduling: None until it first runs
         self._blocksize = blocksize
         self._fill: FillFn = _silence
         self._pa_time = PaTimeMap()
@@ -252,6 +256,8 @@ class SdPlayback:
         self.format = fmt
 
     def _callback(self, outdata: npt.NDArray[np.int16], frames: int, time: Any, status: Any) -> None:
+        if self._realtime is None:  # PortAudio's ALSA host API leaves its callback thread unscheduled
+            self._realtime = realtime_thread()
         if status.output_underflow:
             self.underruns += 1
         now = self._clock.monotonic_ns()
