@@ -60,6 +60,7 @@ RECEIVER_FIGURES = (
     "concealed",
     "skipped",
     "inserted",
+    "stale",
     "buffer_ms",
     "target_ms",
     "latency_ms_p50",  # its own estimate: capture timestamp to the hand-off to the output device
@@ -279,8 +280,9 @@ def test_speech_through_real_devices_and_processes(
     # Counts: every packet sent arrived, none was lost, and the sender had to drop none.
     assert sent["packets_sent"] == sent["receiver_packets"] == rs["packets"] > 0, figures
     assert rs["lost"] == 0 and sent["receiver_lost"] == 0 and sent["dropped"] == 0, figures
-    # Loopback on a shared 2-core machine: the playout engine may adjust by a frame or conceal a late one.
-    assert rs["frames_played"] >= rs["packets"] - rs["late"], figures
+    # Every packet was played in its turn, except late ones (their turn was concealed) and start-up frames
+    # already older than the target when playback began (a slow start on a loaded machine): each counted.
+    assert rs["frames_played"] + rs["stale"] >= rs["packets"] - rs["late"], figures
     # No missing audio: the input is never silent, so the speaker's copy of it must not be either.
     region = run.speaker[max(0, round(t.lags[0])) : round(len(speech) + t.lags[-1])]
     assert find_dropouts(region, RATE) == [], figures

@@ -7,6 +7,7 @@ RESOURCE_EXHAUSTED and a line naming the figure, while the first plays every one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from tests.helpers.waiting import wait_until
@@ -121,3 +123,45 @@ def test_recv_warns_on_stderr_reports_its_load_and_the_sender_shows_one_line() -
     assert stats["load_pct"] > 0.01
     assert summary["streams_started"] == 1 and summary["frames_played"] == 200
     assert summary["lost"] == 0 and summary["packets"] == 200
+
+
+def test_an_overload_ends_after_five_calm_seconds_in_a_row_and_a_busy_second_restarts_the_count() -> None:
+    """The rule behind ``overload_ended``: the load must stay below 90 % of the limit for 5 one-second
+    windows in a row, so that a load hovering at the limit warns once instead of every second.
+
+    The windows are counted in audio pulled, not in wall time: the test drives ``fill`` itself (an app://
+    receiver) a second of audio at a time, and moves the limit between windows (a limit of 0.0001 % makes
+    any mixing an overload; 100 % makes it calm)."""
+    rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1", max_load_pct=0.0001))
+    got: list[ReceiverEvent] = []
+    rx.subscribe(got.append)
+    rx.start()
+    block = np.zeros((240, 2), dtype=np.float32)  # 5 ms at 48 kHz
+
+    def second(limit_pct: float) -> None:
+        rx.config = dataclasses.replace(rx.config, max_load_pct=limit_pct)
+        for _ in range(200):
+            rx.fill(block)
+
+    try:
+        second(0.0001)
+        wait_until(lambda: [e.kind for e in got] == ["overload"], 10, "the overload event")
+        assert rx.overloaded
+        calm_seen = []
+        for _ in range(3):
+            second(100.0)
+            calm_seen.append(rx.overloaded)
+        second(0.0001)  # busy again: the count starts over, and no second 'overload' event
+        for _ in range(4):
+            second(100.0)
+            calm_seen.append(rx.overloaded)
+        assert calm_seen == [True] * 7
+        load = rx.load_pct
+        assert load is not None and load < 90.0
+        second(100.0)  # the fifth calm window in a row
+        wait_until(lambda: len(got) == 2, 10, "the overload_ended event")
+    finally:
+        rx.stop()
+    assert not rx.overloaded
+    assert [e.kind for e in got] == ["overload", "overload_ended"]
+    assert re.fullmatch(r"mixing takes \d+ % of real time", got[1].detail), got[1].detail

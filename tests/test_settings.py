@@ -268,8 +268,16 @@ def test_a_token_from_the_environment_beats_a_token_file_from_a_config_file(layo
         verdicts = {}
         for label, variables in (("file", {}), ("env", {"TIALITY_TOKEN": "new"})):
             proc = layout.run("doctor", target, "--no-input", "--no-output", "--json", **variables)
-            (token,) = [c for c in json.loads(proc.stdout)["checks"] if c["name"] == "token"]
+            checks = json.loads(proc.stdout)["checks"]
+            (token,) = [c for c in checks if c["name"] == "token"]
+            # The exit code also reflects the clock check, which warns when the loopback round trip
+            # varies by more than its limit (a loaded machine): that one is not this test's subject.
+            others = {c["status"] for c in checks if c["name"] not in ("token", "clock")}
+            clock = [c["status"] for c in checks if c["name"] == "clock"]
+            expected_code = {"pass": 0, "warn": 1}.get(clock[0], 2) if clock else 2
             verdicts[label] = (proc.returncode, token["status"], token["detail"])
+            if label == "env":
+                assert others <= {"pass", "skip"} and proc.returncode == expected_code, checks
         # --token-file typed on the command line beats TIALITY_TOKEN
         typed = layout.run(
             "doctor", target, "--no-input", "--no-output", "--token-file", str(stale), TIALITY_TOKEN="new"
@@ -277,5 +285,5 @@ def test_a_token_from_the_environment_beats_a_token_file_from_a_config_file(layo
     finally:
         rx.stop()
     assert verdicts["file"] == (2, "fail", f"{target} refused: wrong token")
-    assert verdicts["env"] == (0, "pass", "accepted")
+    assert verdicts["env"][1:] == ("pass", "accepted")
     assert typed.returncode == 2

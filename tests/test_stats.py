@@ -9,10 +9,22 @@ import sys
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.signals import tone
 from tiality_cli.cli.view import level_meter, markup
-from tiality_cli.stats import SILENCE_DBFS, LevelMeter, RateMeter, dbfs, frame_levels, gain_db, levels
+from tiality_cli.stats import (
+    SILENCE_DBFS,
+    LevelMeter,
+    RateMeter,
+    Window,
+    dbfs,
+    frame_levels,
+    gain_db,
+    levels,
+    quantiles,
+)
 
 RATE = 48_000
 
@@ -105,3 +117,28 @@ def test_rates_over_the_last_window_are_the_same_for_every_reader() -> None:
         rate = m.rate(50 * t * t, t * s)
     assert rate == pytest.approx((50 * 25 - 50 * 9) / 2)  # from t=3 to t=5
     assert RateMeter().rate(5, s) == 0.0  # one reading: no interval yet
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(min_value=-1e9, max_value=1e9, allow_nan=False, allow_subnormal=False),
+        min_size=1,
+        max_size=600,
+    ),
+    qs=st.lists(st.floats(min_value=0.0, max_value=100.0), min_size=1, max_size=4),
+)
+def test_quantiles_equal_numpys_percentile_to_the_bit(values: list[float], qs: list[float]) -> None:
+    """The stats line's percentiles (one sort, a lookup per figure) are numpy's linear ones exactly."""
+    x = np.array(values)
+    window = Window(len(values))
+    for v in values:
+        window.add(v)
+    want = [float(np.percentile(x, q)) for q in qs]
+    assert quantiles(np.sort(x), tuple(qs)) == want
+    assert window.quantiles(*qs) == want
+
+
+def test_quantiles_of_nothing_are_nan() -> None:
+    assert all(math.isnan(v) for v in quantiles(np.zeros(0), (50.0, 95.0)))
+    assert all(math.isnan(v) for v in Window(8).quantiles(50.0, 95.0))

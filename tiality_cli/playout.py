@@ -83,7 +83,7 @@ from tiality_cli.config import AudioFormat
 from tiality_cli.control import LatencyController, Start, TargetPolicy
 from tiality_cli.errors import ConfigError, CorruptPacketError
 from tiality_cli.jitter import JitterBuffer, Put, SeqUnwrapper
-from tiality_cli.stats import ReceiverStats, frame_levels
+from tiality_cli.stats import METER_EVERY_MS, ReceiverStats, frame_levels, to_float
 
 F32 = npt.NDArray[np.float32]
 QUIET = 328  # int16 peak below -40 dBFS: a slice this quiet is dropped unheard
@@ -227,6 +227,8 @@ class StreamPlayout:
         self._frame = np.zeros((self.decoder.output.shape[0], channels), dtype=np.float32)
         self._spliced = np.zeros_like(self._frame)  # a frame with a slice cut out
         self._fade = ((np.arange(self._slice, dtype=np.float32) + 0.5) / self._slice)[:, None]
+        self._meter_every = round(METER_EVERY_MS * output.sample_rate / 1000)  # samples between measurements
+        self._meter_in = 0
         self._resampler = None
         # The resampler is bypassed while the ratio is exactly 1 (no drift estimate, B inside the dead
         # band: the timeline is exact) and the stream has never been resampled: at ratio 1 it would only
@@ -407,6 +409,7 @@ class StreamPlayout:
             self._due -= start.offset
         else:
             self._trim = start.offset
+        self.stats.stale += stale
         self.stats.stale_ms += (stale * self._frame_out + max(0, start.offset)) * 1000 / self._rate
 
     def _produce(self) -> None:
@@ -507,7 +510,12 @@ class StreamPlayout:
         st = self.stats
         x = self.decoder.output[:n]
         f = self._frame[:n]
-        st.peak, st.rms = frame_levels(x, f)  # f receives x / 32768
+        if self._meter_in <= 0:  # one frame in every METER_EVERY_MS is measured (the level is read
+            st.peak, st.rms = frame_levels(x, f)  # a few times a second); f receives x / 32768
+            self._meter_in = self._meter_every
+        else:
+            to_float(x, f)
+        self._meter_in -= n
         if cut is not None:
             at, length = cut
             if length >= n:

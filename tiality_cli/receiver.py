@@ -38,7 +38,7 @@ from tiality_cli.io.base import BLOCK_US, AppSink, Sink, to_int16
 from tiality_cli.link import ClockEstimate, StreamInfo, StreamTotals
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.recording import OpusRecorder, OpusTap, WavRecorder, check_record_path
-from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs
+from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, Window, dbfs, quantiles
 
 if TYPE_CHECKING:
     from tiality_cli.net.server import AudioServer, AudioService
@@ -976,7 +976,12 @@ class Receiver:
     ) -> StatsSnapshot:
         now = self.clock.monotonic_ns()
         total = {k: sum(getattr(s, k) for s in stats) for k in _COUNTERS}
-        lat = np.concatenate([s.latency_ms.values() for s in live]) if live else np.zeros(0)
+        if len(live) == 1:
+            p50, p95, p100 = live[0].latency_ms.quantiles(50, 95, 100)
+        else:
+            lat = np.concatenate([s.latency_ms.values() for s in live]) if live else np.zeros(0)
+            lat.sort()
+            p50, p95, p100 = quantiles(lat, (50, 95, 100))
         peak = max((s.peak for s in live), default=0.0)
         rms = max((s.rms for s in live), default=0.0)
         kbps = rates[0].rate(total["bytes"], now) * 8 / 1000
@@ -994,9 +999,9 @@ class Receiver:
             inserted=total["inserted"],
             frames_played=total["frames_played"],
             jitter_ms=max((s.jitter_ns for s in live), default=0.0) / 1e6,
-            latency_ms_p50=float(np.percentile(lat, 50)) if len(lat) else math.nan,
-            latency_ms_p95=float(np.percentile(lat, 95)) if len(lat) else math.nan,
-            latency_ms_max=float(lat.max()) if len(lat) else math.nan,
+            latency_ms_p50=p50,
+            latency_ms_p95=p95,
+            latency_ms_max=p100,
             bitrate_kbps=kbps,
             packets_per_s=packets_per_s,
             buffer_ms=max((s.buffer_ms for s in live), default=0.0),
@@ -1008,6 +1013,8 @@ class Receiver:
             underruns=int(getattr(self.sink, "underruns", 0)),
             skipped_ms=sum(s.skipped_ms for s in stats),
             inserted_ms=sum(s.inserted_ms for s in stats),
+            stale=total["stale"],
+            stale_ms=sum(s.stale_ms for s in stats),
             **{name: _median(live, name) for name in _STAGES},
         )
 
@@ -1052,6 +1059,7 @@ _COUNTERS = (
     "skipped",
     "inserted",
     "frames_played",
+    "stale",
 )
 
 _STAGES = ("stage_capture_ms", "stage_frame_ms", "stage_network_ms", "stage_buffer_ms", "stage_output_ms")
@@ -1059,5 +1067,8 @@ _STAGES = ("stage_capture_ms", "stage_frame_ms", "stage_network_ms", "stage_buff
 
 def _median(live: list[ReceiverStats], name: str) -> float:
     """The median of one latency stage over the live streams' recent frames (nan before the first)."""
+    if len(live) == 1:
+        return cast(Window, getattr(live[0], name)).quantiles(50)[0]
     values = np.concatenate([getattr(s, name).values() for s in live]) if live else np.zeros(0)
-    return float(np.median(values)) if len(values) else math.nan
+    values.sort()
+    return quantiles(values, (50,))[0]
