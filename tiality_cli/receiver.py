@@ -812,6 +812,9 @@ class Receiver:
         self._pos = pos + n
 
     def _retire(self) -> None:
+        # A stream that finishes while the receiver stops was ended by the stop (its call cancelled,
+        # the buffer played out before the output closed): say so, as stop() does for the others.
+        detail = "receiver stopped" if self._stopping.is_set() else "ended"
         with self._lock:
             keep = []
             for s in self._sessions:
@@ -819,7 +822,7 @@ class Receiver:
                     self.finished.append(s.stats)
                     self.streams_ended += 1
                     s._done.set()
-                    self._emit("stream_ended", s, detail="ended")
+                    self._emit("stream_ended", s, detail=detail)
                 else:
                     keep.append(s)
             self._sessions = tuple(keep)
