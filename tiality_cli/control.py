@@ -232,10 +232,11 @@ class DriftLoop:
         if t < FLL_BLOCK_NS:
             return None
         first, second = self.first, self.second
-        slope = (second.level - first.level) / (FLL_BLOCK_NS / 2) if first.pulls and second.pulls else 0.0
+        complete = first.pulls > 0 and second.pulls > 0
+        slope = (second.level - first.level) / (FLL_BLOCK_NS / 2) if complete else 0.0
         # A slope beyond any clock's drift is a step that nothing accounted for (a stall of the sender's
         # capture, say), not a rate: such a block is not measured.
-        complete = first.pulls > 0 and second.pulls > 0 and abs(slope) <= MAX_DRIFT
+        complete = complete and abs(slope) <= MAX_DRIFT
         if self.left_band and self.acquiring < 0:
             self.acquiring = FLL_ACQUIRE_BLOCKS
         measured, self.left_band = (self.left_band or self.acquiring > 0) and complete, False

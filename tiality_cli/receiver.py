@@ -38,7 +38,7 @@ from tiality_cli.io.base import BLOCK_US, AppSink, Sink, to_int16
 from tiality_cli.link import ClockEstimate, StreamInfo, StreamTotals
 from tiality_cli.playout import PlayoutConfig, State, StreamPlayout
 from tiality_cli.recording import OpusRecorder, OpusTap, WavRecorder, check_record_path
-from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, Window, dbfs, quantiles
+from tiality_cli.stats import RateMeter, ReceiverStats, StatsSnapshot, dbfs, quantiles
 
 if TYPE_CHECKING:
     from tiality_cli.net.server import AudioServer, AudioService
@@ -979,12 +979,7 @@ class Receiver:
     ) -> StatsSnapshot:
         now = self.clock.monotonic_ns()
         total = {k: sum(getattr(s, k) for s in stats) for k in _COUNTERS}
-        if len(live) == 1:
-            p50, p95, p100 = live[0].latency_ms.quantiles(50, 95, 100)
-        else:
-            lat = np.concatenate([s.latency_ms.values() for s in live]) if live else np.zeros(0)
-            lat.sort()
-            p50, p95, p100 = quantiles(lat, (50, 95, 100))
+        p50, p95, p100 = _pooled(live, "latency_ms", (50, 95, 100))
         peak = max((s.peak for s in live), default=0.0)
         rms = max((s.rms for s in live), default=0.0)
         kbps = rates[0].rate(total["bytes"], now) * 8 / 1000
@@ -1018,7 +1013,7 @@ class Receiver:
             inserted_ms=sum(s.inserted_ms for s in stats),
             stale=total["stale"],
             stale_ms=sum(s.stale_ms for s in stats),
-            **{name: _median(live, name) for name in _STAGES},
+            **{name: _pooled(live, name, (50,))[0] for name in _STAGES},
         )
 
 
@@ -1068,10 +1063,9 @@ _COUNTERS = (
 _STAGES = ("stage_capture_ms", "stage_frame_ms", "stage_network_ms", "stage_buffer_ms", "stage_output_ms")
 
 
-def _median(live: list[ReceiverStats], name: str) -> float:
-    """The median of one latency stage over the live streams' recent frames (nan before the first)."""
-    if len(live) == 1:
-        return cast(Window, getattr(live[0], name)).quantiles(50)[0]
-    values = np.concatenate([getattr(s, name).values() for s in live]) if live else np.zeros(0)
+def _pooled(live: list[ReceiverStats], window: str, qs: tuple[float, ...]) -> list[float]:
+    """Percentiles of one window (latency, a stage) over the live streams' recent frames, pooled (nan
+    before the first frame)."""
+    values = np.concatenate([getattr(s, window).values() for s in live]) if live else np.zeros(0)
     values.sort()
-    return quantiles(values, (50,))[0]
+    return quantiles(values, qs)

@@ -73,6 +73,38 @@ def split_uri(uri: str) -> tuple[str, str]:
     )
 
 
+class Halt:
+    """A stop flag for threads that wait out a period 50-200 times a second: the timed wait is one C call
+    on a lock held until ``set()`` (threading.Event.wait is a Python Condition that allocates a lock per
+    call), and once released the lock stays released for every later wait."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleeps up to ``timeout_s``; True (at once) when set."""
+        if self._lock.acquire(timeout=timeout_s):
+            self._release()  # set: keep it released for every later wait
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        self._release()
+
+    def clear(self) -> None:
+        self._lock.acquire(blocking=False)  # held again (it already is unless set)
+        self._set = False
+
+    def _release(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already released (set twice, or by a waiter)
+            self._lock.release()
+
+
 class Pacer:
     """Waits for frame k to be 'captured' at start + (k + 1) frames on the monotonic clock."""
 
@@ -82,11 +114,7 @@ class Pacer:
         self._start_mono = 0
         self._start_wall = 0
         self.k = 0
-        # Held until stop() releases it: a wait on it is one C call (threading.Event.wait is a Python
-        # Condition that allocates a lock per call), and a released lock stays released for later waits.
-        self._stop = threading.Lock()
-        self._stop.acquire()
-        self._stopped = False
+        self._halt = Halt()
 
     def start(self) -> None:
         self._start_mono = self._clock.monotonic_ns()
@@ -97,22 +125,14 @@ class Pacer:
         """Blocks until the next frame is due; returns its first sample's wall time, None if stopped."""
         due = self._start_mono + (self.k + 1) * self._frame_ns
         delay = due - self._clock.monotonic_ns()
-        if delay > 0 and self._stop.acquire(timeout=delay / 1e9):
-            self._release()  # stopped: keep it released for every later wait
-            return None
-        if self._stopped:
+        if (delay > 0 and self._halt.wait(delay / 1e9)) or self._halt.is_set():
             return None
         t = self._start_wall + self.k * self._frame_ns
         self.k += 1
         return t
 
     def stop(self) -> None:
-        self._stopped = True
-        self._release()
-
-    def _release(self) -> None:
-        with contextlib.suppress(RuntimeError):  # already released (stop() twice, or by the waiter)
-            self._stop.release()
+        self._halt.set()
 
 
 class Sink(Protocol):
@@ -203,10 +223,7 @@ class ClockedSink:
         self.late_ticks = 0  # ticks that ran more than one period behind schedule (a busy machine)
         self.limit_seconds: float | None = None  # keep no more than this much audio (recv --seconds)
         self._clock = clock
-        # Held while running, released by stop(): the 200 waits a second are one C call each, where
-        # threading.Event.wait is a Python Condition that allocates a lock per call (as in Pacer).
-        self._halt = threading.Lock()
-        self._stopped = True
+        self._halt = Halt()  # 200 waits a second
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -216,8 +233,7 @@ class ClockedSink:
     def start(self, fill: FillFn) -> None:
         if self.format is None:
             raise RuntimeError("open() the sink before start()")
-        self._halt.acquire(blocking=False)  # held from here until stop()
-        self._stopped = False
+        self._halt.clear()
         self._thread = threading.Thread(
             target=self._run, args=(fill, self.format), name=self.name, daemon=True
         )
@@ -230,12 +246,11 @@ class ClockedSink:
         buf = np.zeros((block, fmt.channels), dtype=np.int16)
         period = block * 1_000_000_000 // fmt.sample_rate
         due = self._clock.monotonic_ns()
-        while not self._stopped:
+        while not self._halt.is_set():
             due += period
             delay = due - self._clock.monotonic_ns()
             if delay > 0:
-                if self._halt.acquire(timeout=delay / 1e9):
-                    self._halt.release()  # stopped: leave it released
+                if self._halt.wait(delay / 1e9):
                     break
             elif delay < -period:
                 self.late_ticks += 1
@@ -254,9 +269,7 @@ class ClockedSink:
         """Takes one frame of stream audio (called on the sink's thread)."""
 
     def stop(self) -> None:
-        self._stopped = True
-        with contextlib.suppress(RuntimeError):  # already released (stop() twice)
-            self._halt.release()
+        self._halt.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
