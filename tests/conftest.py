@@ -14,6 +14,8 @@ from tests.helpers.soundcard import SoundCardError, VirtualSoundCard, reinit_por
 from tiality_cli.io.files import NullSink
 from tiality_cli.receiver import Receiver, ReceiverConfig
 
+pytest_plugins = ("tests.helpers.stalls",)  # a failure during a host stall runs once more
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "soundcard: needs the virtual PulseAudio sound card (session fixture)")
