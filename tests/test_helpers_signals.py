@@ -15,6 +15,7 @@ from tests.helpers.signals import (
     correlation,
     detect_clicks,
     find_dropouts,
+    follow_warp,
     load_speech,
     rms_dbfs,
     segmental_snr_db,
@@ -178,3 +179,35 @@ def test_tone_has_the_asked_shape_level_and_frequency() -> None:
     assert float(np.max(np.abs(x))) == pytest.approx(10 ** (-12 / 20), rel=1e-4)
     assert rms_dbfs(x) == pytest.approx(-15.01, abs=0.02)
     assert np.argmax(spectrum) * RATE / x.shape[0] == 1000
+
+
+def slid(x: npt.NDArray[np.float64], slope: float, start: int, stop: int) -> npt.NDArray[np.float64]:
+    """``x`` read on a timeline that runs ``slope`` fast between ``start`` and ``stop`` (a steered ratio)."""
+    t = np.arange(len(x), dtype=np.float64)
+    out: npt.NDArray[np.float64] = np.interp(
+        t + np.cumsum(np.where((t > start) & (t < stop), slope, 0.0)), t, x
+    )
+    return out
+
+
+def test_follow_warp_undoes_the_playouts_fastest_steer_and_nothing_else() -> None:
+    speech = load_speech()[RATE : RATE + 38_400, 0].astype(np.float64)
+    # 0.5 % for 0.4 s (the steering limit): the timeline slides 2 ms, which ruins a waveform comparison.
+    steered = slid(speech, 0.005, 9_600, 28_800)
+    assert segmental_snr_db(speech, steered, RATE) < 0.0
+    assert segmental_snr_db(speech, follow_warp(speech, steered, RATE, max_shift_ms=10.0), RATE) >= 20.0
+    # Drift (100 ppm all along) and a fixed 1.3-sample offset are followed to better than 28 dB.
+    assert segmental_snr_db(speech, follow_warp(speech, slid(speech, 1e-4, 0, 38_400), RATE), RATE) >= 28.0
+    offset = np.interp(np.arange(38_400) - 1.3, np.arange(38_400), speech)
+    assert segmental_snr_db(speech, follow_warp(speech, offset, RATE), RATE) >= 28.0
+    # A 10 ms dropout is timing it cannot undo: the gap stays in the output, and in the SNR.
+    gapped = steered.copy()
+    gapped[19_200:19_680] = 0.0
+    warped = follow_warp(speech, gapped, RATE, max_shift_ms=10.0)
+    natural = find_dropouts(speech, RATE, min_ms=5)  # the recording's own digital silences
+    found = find_dropouts(warped, RATE, min_ms=5)
+    new = [d for d in found if all(abs(d[0] - n[0]) > 100 for n in natural)]
+    assert len(new) == 1 and abs(new[0][0] - 19_200) <= 100 and new[0][1] >= 400, (new, natural)
+    assert (
+        snr_db(speech[19_248:19_680], warped[19_248:19_680], match_gain=False) < 1.0
+    )  # nothing of the speech there
