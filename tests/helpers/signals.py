@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import wave
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -255,11 +256,10 @@ def follow_warp(
     The receiver's drift compensation and latency steering resample by a slowly varying ratio (tens of
     ppm for drift, up to 0.5 % while steering), which is inaudible but slides the timeline: 0.5 % moves
     it by 0.5 ms in 100 ms, enough to ruin a waveform SNR. The shift is measured in ``block_ms``
-    windows every half window (the best match within ``max_shift_ms``, refined to a fraction of a
-    sample), drawn as a line between window centres, and every output sample is read from the received
-    signal where that line points (between two samples, linearly: a loss under -40 dB at 48 kHz). So a
-    steady slide is followed within a window too, while audio that is missing or wrong stays so: only
-    timing is undone. Windows silent in the reference measure nothing.
+    windows (within ``max_shift_ms``), then in windows a fifth as long near that, each to a fraction of
+    a sample; a line through those shifts says where to read the received signal for every output
+    sample (between two samples linearly: a loss under -40 dB at 48 kHz). So a slide is followed within
+    a window too, while audio that is missing or wrong stays so: only timing is undone.
     """
     _check_rate(rate)
     ref = _as_float(reference)
@@ -267,43 +267,90 @@ def follow_warp(
     if ref.shape != rec.shape:
         raise ValueError(f"follow_warp: shapes differ: {ref.shape} vs {rec.shape}")
     block = max(1, round(block_ms * rate / 1000))
-    hop = max(1, block // 2)
     shift_max = round(max_shift_ms * rate / 1000)
-    ref_m, rec_m = _mono(ref), _mono(rec)
+    ref_m = _mono(ref)
     n = ref_m.size
-    centres: list[float] = []
-    shifts: list[float] = []
-    for start in range(0, n - block + 1, hop):
-        r = ref_m[start : start + block]
-        if float(np.dot(r, r)) == 0.0:
-            continue
-        lo_k, hi_k = max(-shift_max, -start), min(shift_max, n - block - start)
-        score = np.correlate(rec_m[start + lo_k : start + hi_k + block], r, mode="valid")
-        i = int(np.argmax(score))
-        frac = 0.0
-        if 0 < i < score.size - 1:  # the peak's vertex through its neighbours: a fraction of a sample
-            y0, y1, y2 = float(score[i - 1]), float(score[i]), float(score[i + 1])
-            bend = y0 - 2 * y1 + y2
-            if bend < 0:
-                frac = 0.5 * (y0 - y2) / bend
-        centres.append(start + block / 2)
-        shifts.append(lo_k + i + frac)
-    # A window's best match can be a pitch period away from the true one (a vowel matches itself a period
-    # later). The timeline slides at most 0.5 % (the steering limit): a shift farther than that from the
-    # median of its neighbours is such a false match and is dropped.
-    keep = []
-    for j, shift in enumerate(shifts):
-        around = shifts[max(0, j - 2) : j + 3]
-        if abs(shift - float(np.median(around))) <= MAX_SLIDE * 2 * block + 2:
-            keep.append(j)
-    centres, shifts = [centres[j] for j in keep], [shifts[j] for j in keep]
-    if not centres:
+    rec_m = np.concatenate([np.zeros(shift_max), _mono(rec), np.zeros(shift_max)])  # room to look both ways
+    # Coarse: block_ms windows, anchored on the clearest and tracked from there. Voiced speech also
+    # matches itself a pitch period away; each next window looks only as far from its neighbour's shift
+    # as the timeline can slide in between (MAX_SLIDE), so a false match a period away is out of reach.
+    coarse = _track_shifts(ref_m, rec_m, shift_max, block, lambda _: None)
+    if not coarse:
         return rec.copy()
+    # Fine: windows a fifth as long, each searched near the coarse line only. Within a long window a
+    # 0.5 % steer also shifts the pitch, which blurs the match by several samples; a short one is sharp.
+    c_at, c_shift = [c for c, _ in coarse], [v for _, v in coarse]
+    near = MAX_SLIDE * block + 2
+
+    def around(centre: float) -> tuple[float, float]:
+        guess = float(np.interp(centre, c_at, c_shift))
+        return guess - near, guess + near
+
+    fine = _track_shifts(ref_m, rec_m, shift_max, max(8, block // 5), around)
+    centres = [c for c, _ in fine] or c_at
+    shifts = [v for _, v in fine] or c_shift
     t = np.arange(n, dtype=np.float64)
     where = np.clip(t + np.interp(t, centres, shifts), 0, n - 1)
     if rec.ndim == 1:
         return np.interp(where, t, rec)
     return np.stack([np.interp(where, t, rec[:, c]) for c in range(rec.shape[1])], axis=1)
+
+
+def _track_shifts(
+    ref_m: _F64,
+    rec_m: _F64,
+    shift_max: int,
+    block: int,
+    bounds: Callable[[float], tuple[float, float] | None],
+) -> list[tuple[float, float]]:
+    """(window centre, shift) every half ``block`` of ``ref_m`` (silent windows skipped): where in
+    ``rec_m`` (padded by ``shift_max`` each side) the window matches best, to a fraction of a sample.
+    ``bounds(centre)`` limits a window's search; with None the clearest window anchors the others, each
+    within MAX_SLIDE of its neighbour."""
+    n = ref_m.size
+    windows: list[tuple[int, _F64]] = []  # start, match at each shift (-shift_max first)
+    strength: list[float] = []
+    for start in range(0, n - block + 1, max(1, block // 2)):
+        r = ref_m[start : start + block]
+        energy = float(np.dot(r, r))
+        if energy == 0.0:
+            continue
+        score = np.correlate(rec_m[start : start + 2 * shift_max + block], r, mode="valid")
+        i = int(np.argmax(score))
+        seg = rec_m[start + i : start + i + block]
+        windows.append((start, score))
+        strength.append(float(score[i]) / math.sqrt(energy * float(np.dot(seg, seg)) + 1e-30))
+    if not windows:
+        return []
+    found: dict[int, float] = {}
+    # The anchor: the clearest window among those that agree with most (a false match is the exception).
+    best = np.array([int(np.argmax(score)) for _, score in windows])
+    agree = np.abs(best - np.median(best)) <= MAX_SLIDE * block + 2
+    anchor = int(np.argmax(np.where(agree, strength, -np.inf)))
+    for way in (range(anchor, len(windows)), range(anchor - 1, -1, -1)):
+        prev = anchor if anchor in found else None
+        for j in way:
+            start, score = windows[j]
+            limits = bounds(start + block / 2)
+            if limits is None and prev is not None:
+                reach = MAX_SLIDE * abs(start - windows[prev][0]) + 2
+                limits = (found[prev] - reach, found[prev] + reach)
+            lo, hi = 0, score.size - 1
+            if limits is not None:
+                lo = max(lo, math.floor(limits[0]) + shift_max)
+                hi = min(hi, math.ceil(limits[1]) + shift_max)
+            if lo > hi:
+                continue
+            i = lo + int(np.argmax(score[lo : hi + 1]))
+            frac = 0.0
+            if 0 < i < score.size - 1:  # the peak's vertex through its neighbours: a fraction of a sample
+                y0, y1, y2 = float(score[i - 1]), float(score[i]), float(score[i + 1])
+                bend = y0 - 2 * y1 + y2
+                if bend < 0:
+                    frac = max(-0.5, min(0.5, 0.5 * (y0 - y2) / bend))
+            found[j] = i - shift_max + frac
+            prev = j
+    return [(windows[j][0] + block / 2, found[j]) for j in sorted(found)]
 
 
 def chunked_snr_db(
