@@ -62,9 +62,15 @@ def test_wav_record_holds_what_was_played_and_survives_sigterm(tmp_path: Path) -
     summary = json.loads(out.splitlines()[-1])
     audio, info = read_wav(rec)
     assert (info.sample_rate, info.channels) == (48_000, 1)
-    # Every played block and nothing else: frames_played counts whole frames, the recording 5 ms blocks
-    # (drift compensation resamples, so a frame's samples may straddle the last block).
-    assert abs(info.frames - summary["frames_played"] * 960) <= 2 * 240
+    # Every played block and nothing else: frames_played counts whole frames, and the latency steps
+    # (slices inserted while a late packet was awaited, or dropped) come on top; the recording takes
+    # 5 ms blocks (drift compensation resamples, so a frame's samples may straddle the last block).
+    played = summary["frames_played"] * 960 + round((summary["inserted_ms"] - summary["skipped_ms"]) * 48)
+    print(
+        f"recording {info.frames} samples; played {played}: {summary['frames_played']} frames, "
+        f"{summary['inserted_ms']:.1f} ms inserted, {summary['skipped_ms']:.1f} ms skipped"
+    )
+    assert abs(info.frames - played) <= 2 * 240, summary
     ref = load_speech()
     lag = align(ref, audio, 2400)
     a, b = trim_aligned(ref, audio, lag)
