@@ -123,7 +123,8 @@ def _first_line(path: Path) -> str:
 # The plugin (conftest.py loads it): a test that fails while the host itself stalled runs once more.
 STALL_MS = 5.0  # the least lost time that counts: the tightest real-time tolerances are 5 ms
 _watch: StallWatch | None = None
-_second_attempts: list[tuple[str, str, list[Stall], str]] = []  # nodeid, first failure, stalls, outcome
+ATTEMPTS = 3  # a test is run at most this many times, each time after a failure during a stall
+_retried: list[tuple[str, list[tuple[str, list[Stall]]], str, int]] = []  # nodeid, failures, outcome, runs
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -144,25 +145,33 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    """Runs a test; when its call failed while a canary saw its CPU taken away for ``STALL_MS`` or more,
-    runs it a second time, from setup, and reports that attempt: same thresholds, and a second failure
-    fails. The first failure and the stalls are listed at the end of the session."""
+    """Runs a test; while its call fails during a stall (a canary saw its CPU taken away for
+    ``STALL_MS`` or more), runs it again from setup, up to ``ATTEMPTS`` in all, and reports the last
+    attempt: same thresholds every time, and a failure with no stall fails. The failed attempts and
+    their stalls are listed at the end of the session."""
     if _watch is None:
         return None
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    t0 = time.monotonic()
-    reports = runtestprotocol(item, nextitem=nextitem, log=False)
-    stalls = _watch.between(t0, time.monotonic())
-    failed = [r for r in reports if r.when == "call" and r.failed]
-    worst = max((s.ms for s in stalls), default=0.0)
-    if failed and worst >= STALL_MS and _watch.realtime:
+    failures: list[tuple[str, list[Stall]]] = []  # the attempts that failed during a stall, and ran again
+    attempt = 0
+    while True:
+        attempt += 1
+        t0 = time.monotonic()
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        stalls = _watch.between(t0, time.monotonic())
+        failed = [r for r in reports if r.when == "call" and r.failed]
+        if not failed:
+            break
+        stalled = max((s.ms for s in stalls), default=0.0) >= STALL_MS and _watch.realtime
+        if not stalled or attempt == ATTEMPTS:
+            if stalls:
+                _note_stalls(failed[0], stalls)
+            break
         first = failed[0].longrepr
         crash = getattr(getattr(first, "reprcrash", None), "message", str(first)).splitlines()[0]
-        reports = runtestprotocol(item, nextitem=nextitem, log=False)
-        outcome = "failed" if any(r.failed for r in reports) else "passed"
-        _second_attempts.append((item.nodeid, crash, stalls, outcome))
-    elif failed and stalls:
-        _note_stalls(failed[0], stalls)
+        failures.append((crash, stalls))
+    if failures:
+        _retried.append((item.nodeid, failures, "failed" if failed else "passed", attempt))
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
@@ -170,24 +179,25 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def _note_stalls(report: pytest.TestReport, stalls: list[Stall]) -> None:
-    """A failure shows the host stalls during its test, too small or too few to run it again."""
+    """A failure shows the host stalls during its last attempt (too small to run it again, or the last)."""
     lines = [f"CPU {s.cpu}: {s.ms:.1f} ms lost at monotonic {s.start:.3f}" for s in stalls]
-    report.sections.append(("host stalls (below the re-run threshold)", "\n".join(lines)))
+    report.sections.append(("host stalls during this attempt", "\n".join(lines)))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _watch is None:
         return
-    if _second_attempts:
-        terminalreporter.write_sep("=", "second attempts after a host stall")
-        for nodeid, crash, stalls, outcome in _second_attempts:
-            worst = max(stalls, key=lambda s: s.ms)
-            lost = sum(s.ms for s in stalls)
-            terminalreporter.write_line(
-                f"{nodeid}: the first attempt failed while CPU {worst.cpu} stalled {worst.ms:.0f} ms "
-                f"({len(stalls)} stalls, {lost:.0f} ms lost in all); the second attempt {outcome}"
-            )
-            terminalreporter.write_line(f"    first failure: {crash}")
+    if _retried:
+        terminalreporter.write_sep("=", "tests run again after failing during a host stall")
+        for nodeid, failures, outcome, attempts in _retried:
+            terminalreporter.write_line(f"{nodeid}: {outcome} on attempt {attempts} of {ATTEMPTS}")
+            for k, (crash, stalls) in enumerate(failures, 1):
+                worst = max(stalls, key=lambda s: s.ms)
+                lost = sum(s.ms for s in stalls)
+                terminalreporter.write_line(
+                    f"    attempt {k} failed while CPU {worst.cpu} stalled {worst.ms:.0f} ms ({len(stalls)} "
+                    f"stalls, {lost:.0f} ms lost in all): {crash}"
+                )
     everything = _watch.between(0.0, time.monotonic())
     big = [s for s in everything if s.ms >= STALL_MS]
     worst_ms = max((s.ms for s in everything), default=0.0)
