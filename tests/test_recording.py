@@ -71,6 +71,7 @@ def test_wav_record_holds_what_was_played_and_survives_sigterm(tmp_path: Path) -
         f"{summary['inserted_ms']:.1f} ms inserted, {summary['skipped_ms']:.1f} ms skipped"
     )
     assert abs(info.frames - played) <= 2 * 240, summary
+    assert summary["inserted_ms"] + summary["skipped_ms"] <= 60.0, summary  # 1 % of the 6 s at most
     ref = load_speech()
     lag = align(ref, audio, 2400)
     a, b = trim_aligned(ref, audio, lag)

@@ -76,7 +76,7 @@ def test_a_failure_during_a_host_stall_runs_again_and_only_then(tmp_path: Path) 
     # Stalled failures run again, up to 3 times in all; the calm one runs once: a bug gets no second go.
     assert count == {"once": 2, "every": 3, "calm": 1}, out
     assert "test_inner.py::test_fails_once_during_a_stall: passed on attempt 2 of 3" in out
-    assert "test_inner.py::test_fails_every_time_during_stalls: failed on attempt 3 of 3" in out
+    assert "test_inner.py::test_fails_every_time_during_stalls: did not pass on attempt 3 of 3" in out
     assert "test_fails_without_a_stall: " not in out
     # Listed: the failed attempts that ran again (1 + 2), each with its stall and its failure.
     listed = re.findall(r"attempt (\d) failed while CPU \d+ stalled (\d+) ms .*: AssertionError: (.*)", out)

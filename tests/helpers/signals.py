@@ -240,6 +240,7 @@ def segmental_snr_db(
     return float(np.mean(np.clip(ratio, min_db, max_db)))
 
 
+MIN_MATCH = 0.5  # a window whose best match correlates less measures no shift (a dropout, noise)
 MAX_SLIDE = 0.006  # the fastest the receiver's timeline slides: its steering limit (0.5 %) plus drift
 
 
@@ -331,6 +332,8 @@ def _track_shifts(
         prev = anchor if anchor in found else None
         for j in way:
             start, score = windows[j]
+            if strength[j] < MIN_MATCH and j != anchor:
+                continue  # a dropout or noise: no shift to read here; the line passes over it
             limits = bounds(start + block / 2)
             if limits is None and prev is not None:
                 reach = MAX_SLIDE * abs(start - windows[prev][0]) + 2

@@ -47,6 +47,7 @@ with open(path, "w", buffering=1) as out:
         now = time.monotonic()
         if now - prev > gap:
             out.write(f"{prev:.6f} {now:.6f}\\n")
+            now = time.monotonic()  # a slow write is the canary's own delay, not the host's
         prev = now
         n += 1
         if n % 500 == 0 and os.getppid() != parent:
@@ -156,26 +157,38 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     attempt = 0
     while True:
         attempt += 1
-        t0 = time.monotonic()
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
-        stalls = _watch.between(t0, time.monotonic())
         failed = [r for r in reports if r.when == "call" and r.failed]
         if not failed:
             break
-        stalled = max((s.ms for s in stalls), default=0.0) >= STALL_MS and _watch.realtime
+        call = failed[0]
+        stalls = _watch.between(*_monotonic_span(call))  # the call only: setup and teardown do not count
+        first = call.longrepr
+        crash = getattr(getattr(first, "reprcrash", None), "message", str(first)).splitlines()[0]
+        stalled = (
+            max((s.ms for s in stalls), default=0.0) >= STALL_MS
+            and _watch.realtime
+            and not any(r.failed for r in reports if r.when != "call")  # a broken setup or teardown stands
+            and "Timeout" not in crash  # pytest-timeout arms its timer once for all attempts
+        )
         if not stalled or attempt == ATTEMPTS:
             if stalls:
-                _note_stalls(failed[0], stalls)
+                _note_stalls(call, stalls)
             break
-        first = failed[0].longrepr
-        crash = getattr(getattr(first, "reprcrash", None), "message", str(first)).splitlines()[0]
         failures.append((crash, stalls))
     if failures:
-        _retried.append((item.nodeid, failures, "failed" if failed else "passed", attempt))
+        passed = all(r.passed for r in reports)
+        _retried.append((item.nodeid, failures, "passed" if passed else "did not pass", attempt))
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
+
+
+def _monotonic_span(report: pytest.TestReport) -> tuple[float, float]:
+    """The report's start and stop (wall-clock seconds) on the canaries' monotonic clock."""
+    offset = time.monotonic() - time.time()
+    return report.start + offset, report.stop + offset
 
 
 def _note_stalls(report: pytest.TestReport, stalls: list[Stall]) -> None:
