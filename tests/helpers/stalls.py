@@ -124,7 +124,7 @@ def _first_line(path: Path) -> str:
 # The plugin (conftest.py loads it): a test that fails while the host itself stalled runs once more.
 STALL_MS = 5.0  # the least lost time that counts: the tightest real-time tolerances are 5 ms
 _watch: StallWatch | None = None
-ATTEMPTS = 3  # a test is run at most this many times, each time after a failure during a stall
+ATTEMPTS = 5  # a test is run at most this many times, each time after a failure during a stall
 _retried: list[tuple[str, list[tuple[str, list[Stall]]], str, int]] = []  # nodeid, failures, outcome, runs
 
 
