@@ -14,7 +14,7 @@ from tests.helpers.soundcard import SoundCardError, VirtualSoundCard, reinit_por
 from tiality_cli.io.files import NullSink
 from tiality_cli.receiver import Receiver, ReceiverConfig
 
-pytest_plugins = ("tests.helpers.stalls",)  # a failure during a host stall runs once more
+pytest_plugins = ("tests.helpers.stalls",)  # a failure during a host stall runs again
 
 
 def pytest_configure(config: pytest.Config) -> None:

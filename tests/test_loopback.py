@@ -31,6 +31,7 @@ from tests.helpers.signals import (
     detect_clicks,
     follow_warp,
     load_speech,
+    retime,
     segmental_snr_db,
     snr_db,
     trim_aligned,
@@ -267,13 +268,6 @@ def local_lags(ref: F64, rec: F64, step: int, reach: int) -> tuple[F64, F64]:
     median = np.array([np.median(lag[max(0, i - 2) : i + 3]) for i in range(len(lag))])
     keep = np.abs(lag - median) <= RATE // 2000
     return c[keep], lag[keep]
-
-
-def retime(rec: F64, centres: F64, lags: F64) -> F64:
-    """``rec`` read at n + lag(n), the lag interpolated between the measured windows: back on ref's time."""
-    n = np.arange(len(rec), dtype=np.float64)
-    at = np.clip(n + np.interp(n, centres, lags), 0, len(rec) - 1)
-    return np.stack([np.interp(at, n, rec[:, c]) for c in range(rec.shape[1])], axis=1)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ every process on it stops, and audio late by that much is late whatever the code
 tiny process pinned to one CPU at SCHED_FIFO 90, above the sound server (5) and tiality's audio threads
 (4), that wakes every 2 ms and logs each wake that came late. Nothing in user space can delay it on its
 own CPU; a late wake means the CPU itself was gone (hypervisor steal, a kernel stall). That is the
-evidence ``conftest.py`` asks for before it runs a failed real-time test a second time.
+evidence this module's pytest plugin asks for before it runs a failed test again (``ATTEMPTS``).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _first_line(path: Path) -> str:
         return ""
 
 
-# The plugin (conftest.py loads it): a test that fails while the host itself stalled runs once more.
+# The plugin (conftest.py loads it): a test that fails while the host itself stalled runs again.
 STALL_MS = 5.0  # the least lost time that counts: the tightest real-time tolerances are 5 ms
 _watch: StallWatch | None = None
 ATTEMPTS = 5  # a test is run at most this many times, each time after a failure during a stall
