@@ -27,6 +27,12 @@ fan-in        one load generator process (``--loadgen``: grpc.aio, one channel a
               of the window, its busiest thread's CPU (the sink's) and the audio it played per second
               of wall time (below 1: it cannot keep up), and the generator's own CPU and how late it
               sent (it shares the machine's cores with the receiver).
+floor         the same load generator into a bare receiver (``--bare-recv``: a grpc.aio server with
+              tiality's stubs that only reads each stream and decodes every packet with tiality's
+              OpusDecoder, on its event loop), measured over the same window right after: what any
+              Python receiver of these streams costs at least, so that (receiver - floor) per packet is
+              what tiality's playout adds (jitter buffer, latency control, drift resampling, mixing,
+              the paced output and the stats), and a slower or faster machine shows as such.
 memory        (RSS at N - RSS at 1 stream) / (N - 1), from the fan-in runs.
 --help        wall time of ``python -m tiality_cli --help``, median of 5, against ``python -c pass``.
 
@@ -342,7 +348,8 @@ def wall_time(cmd: list[str]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The packets, the bare client and the load generator (run as children: --bare, --loadgen)
+# The packets, the bare client, the bare receiver and the load generator (run as children: --bare,
+# --bare-recv, --loadgen)
 
 
 def tone_packets(seconds: float = 2.0, freq: float = 440.0) -> tuple[list[bytes], bytes]:
@@ -471,6 +478,61 @@ async def _fan_in(target: str, streams: int, seconds: float) -> dict[str, Any]:
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
     }
+
+
+async def _bare_receiver() -> None:
+    import grpc
+
+    from tiality_cli.codec import OpusDecoder
+    from tiality_cli.config import AudioFormat
+    from tiality_cli.net._proto import tiality_pb2 as pb
+    from tiality_cli.net._proto import tiality_pb2_grpc as pb_grpc
+
+    fmt = AudioFormat()
+    total = [0]
+
+    class Servicer(pb_grpc.AudioStreamServicer):
+        async def Clock(
+            self, request: pb.ClockProbe, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> pb.ClockReply:
+            t = time.time_ns()
+            return pb.ClockReply(
+                sender_send_ns=request.sender_send_ns, receiver_receive_ns=t, receiver_send_ns=t
+            )
+
+        async def Stream(
+            self,
+            request_iterator: AsyncIterator[pb.StreamMessage],
+            context: grpc.aio.ServicerContext[Any, Any],
+        ) -> pb.StreamSummary:
+            decoder = OpusDecoder(fmt.sample_rate, fmt.channels, fmt.frame_samples)
+            n = 0
+            async for msg in request_iterator:
+                if msg.WhichOneof("body") == "packet":
+                    decoder.decode(msg.packet.payload)
+                    n += 1
+            total[0] += n
+            decoder.close()
+            return pb.StreamSummary(packets=n, frames_played=n)
+
+    server = grpc.aio.server()
+    pb_grpc.add_AudioStreamServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"event": "listening", "port": port}), flush=True)
+    await stop.wait()
+    await server.stop(0.5)
+    print(json.dumps({"event": "done", "packets": total[0]}), flush=True)
+
+
+def bare_receiver() -> None:
+    """The floor of any Python receiver (--bare-recv): read every stream, decode every packet, nothing
+    else; a JSON line with its port, and one with the packets it decoded when SIGINT stops it."""
+    asyncio.run(_bare_receiver())
 
 
 def load_generator(target: str, streams: int, seconds: float) -> None:
@@ -630,6 +692,12 @@ class FanRun:
     frames_played: int  # the receiver's summary: frames handed to the output (decoded, concealed, inserted)
     mixer_load: float  # the receiver's own load_pct (its mixer's share of real time), last line in the window
     capacity: float  # the receiver's own capacity estimate (senders within --max-load) then; nan if none
+    floor: float  # the bare receiver (read + decode only) under the same load, fraction of a core
+
+    @property
+    def over_floor_us(self) -> float:
+        """What tiality's receiver spends per packet beyond reading and decoding it."""
+        return (self.recv - self.floor) * 1e6 / (self.streams * PACKETS_PER_S)
 
     @property
     def bad_pct(self) -> float:
@@ -658,6 +726,7 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
         if code != 0 or not summaries:
             raise RuntimeError(f"tiality recv: exit {code}, no summary; {recv.describe()}")
         s = summaries[-1][1]
+    floor = bare_floor(streams, plan)
     last = stats[-1][1] if stats else {}
     busiest = max(c - threads0.get(tid, ("", 0.0))[1] for tid, (_, c) in threads1.items()) / (t1 - t0)
     window = [(t, d["played_s"]) for t, d in stats if t >= t0]
@@ -682,7 +751,27 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
         frames_played=int(s["frames_played"]),
         mixer_load=float(last.get("load_pct") or math.nan),
         capacity=float(last["capacity"]) if last.get("capacity") is not None else math.nan,
+        floor=floor,
     )
+
+
+def bare_floor(streams: int, plan: Plan) -> float:
+    """The bare receiver's CPU (fraction of a core) under the fan-in's load generator, same window."""
+    bare = Proc("bare receiver", helper("--bare-recv"))
+    with bare:
+        port = bare.wait_for("port line", lambda: next(iter(bare.events("listening")), None))[1]["port"]
+        seconds = plan.fan_warmup_s + plan.fan_window_s + 0.5
+        gen = Proc("load generator", helper("--loadgen", f"127.0.0.1:{port}", "--streams", str(streams),
+                                            "--seconds", str(seconds)))  # fmt: skip
+        with gen:
+            first = gen.wait_for("start line", lambda: next(iter(gen.events("start")), None))
+            time.sleep(max(0.0, first[1]["mono_ns"] / 1e9 + plan.fan_warmup_s - time.monotonic()))
+            (cpu,) = cpu_window([bare.pid], plan.fan_window_s)
+            gen.wait_for("end line", lambda: next(iter(gen.events("done")), None), seconds + WAIT_S)
+        code = bare.stop(signal.SIGINT)
+        if code != 0 or not bare.events("done"):
+            raise RuntimeError(f"bare receiver: exit {code}; {bare.describe()}")
+    return cpu
 
 
 @dataclass(frozen=True, slots=True)
@@ -824,6 +913,10 @@ def summary_table(res: Results) -> list[str]:
             Figure(f"receiver CPU at {n} streams", [f.recv * 100 for f in fans], ".0f", core, fl,
                    TARGET_RECV_CORES * 100, f"<= {TARGET_RECV_CORES * 100:.0f} %, in real time",
                    unmet=behind),
+            Figure(f"bare receiver at {n} streams: read and decode only (the floor)",
+                   [f.floor * 100 for f in fans], ".0f", core, fl),
+            Figure(f"receiver - floor at {n} streams, per packet: what the playout adds",
+                   [f.over_floor_us for f in fans], ".0f", "µs", fl),
             Figure(f"late + concealed + skipped at {n} streams", [f.bad_pct for f in fans], ".2f",
                    "% of frames", fl, TARGET_BAD_PCT, f"<= {TARGET_BAD_PCT:g} %"),
             Figure(f"latency p95 at {n} streams - at 1 stream", [f.p95 - o.p95 for f, o in pairs], "+.1f",
@@ -856,8 +949,8 @@ def fan_table(res: Results) -> list[str]:
         "| streams | receiver CPU | its busiest thread | played / wall | late | concealed | skipped "
         "| frames sent | frames played | bad | latency p50 / p95 | streams connected | receiver RSS "
         "| per extra stream | load generator CPU | its send lag p95 | receiver's load_pct / capacity "
-        "| load average |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bare receiver (floor) | receiver - floor, per packet | load average |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     one = res.fans.get(1, [])
     for n, fans in sorted(res.fans.items()):
@@ -886,6 +979,8 @@ def fan_table(res: Results) -> list[str]:
             m(lambda f: f.loadgen * 100, ".1f", " %"),
             m(lambda f: f.lag_p95, ".1f", " ms"),
             f"{m(lambda f: f.mixer_load, '.0f', ' %')} / {m(lambda f: f.capacity, '.0f')}",
+            m(lambda f: f.floor * 100, ".1f", " %"),
+            m(lambda f: f.over_floor_us, ".0f", " µs"),
             loads([f.load for f in fans]),
         ]
         out.append("| " + " | ".join(cells) + " |")
@@ -921,7 +1016,8 @@ def report(res: Results, argv: list[str], started: datetime.datetime) -> list[st
         "it falls behind real time and skips frames to catch up). Counts are the receiver's summary over "
         "the whole run; latency is its last stats line in the window (the last 500 frames of each stream); "
         "bad = (late + concealed + skipped) / frames sent; frames neither played nor counted there were "
-        "still queued when the generator stopped.",
+        "still queued when the generator stopped. The bare receiver (the floor) takes the same load "
+        "right after: it reads every stream and decodes every packet on grpc.aio's loop, nothing else.",
         "",
         *fan_table(res),
         "",
@@ -957,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bare", metavar="HOST:PORT", help="only run the bare client stream to HOST:PORT")
     ap.add_argument("--encode", action="store_true", help="with --bare: encode each packet (Opus) first")
     ap.add_argument("--loadgen", metavar="HOST:PORT", help="only run the load generator (--streams N)")
+    ap.add_argument("--bare-recv", action="store_true", help="only run the bare receiver (until SIGINT)")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long --bare or --loadgen streams")
     args = ap.parse_args(args_in)
     parts = [p for p in args.only.split(",") if p]
@@ -964,6 +1061,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--only: parts are {', '.join(PARTS)}; --write needs all of them")
     if args.bare:
         bare_client(args.bare, args.seconds, args.encode)
+        return 0
+    if args.bare_recv:
+        bare_receiver()
         return 0
     if args.loadgen:
         load_generator(args.loadgen, int(args.streams or 1), args.seconds)
