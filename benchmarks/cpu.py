@@ -29,7 +29,7 @@ fan-in        one load generator process (``--loadgen``: grpc.aio, one channel a
               sent (it shares the machine's cores with the receiver).
 floor         the same load generator into a bare receiver (``--bare-recv``: a grpc.aio server with
               tiality's stubs that only reads each stream and decodes every packet with tiality's
-              OpusDecoder, on its event loop), measured over the same window right after: what any
+              OpusDecoder, on its event loop), over a window as long, right after: what any
               Python receiver of these streams costs at least, so that (receiver - floor) per packet is
               what tiality's playout adds (jitter buffer, latency control, drift resampling, mixing,
               the paced output and the stats), and a slower or faster machine shows as such.
@@ -759,7 +759,8 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
 
 
 def bare_floor(streams: int, plan: Plan) -> float:
-    """The bare receiver's CPU (fraction of a core) under the fan-in's load generator, same window."""
+    """The bare receiver's CPU (fraction of a core) under the fan-in's load generator, over a window as
+    long as the receiver's, right after it; every stream must have been read to its end."""
     bare = Proc("bare receiver", helper("--bare-recv"))
     with bare:
         port = bare.wait_for("port line", lambda: next(iter(bare.events("listening")), None))[1]["port"]
@@ -770,10 +771,16 @@ def bare_floor(streams: int, plan: Plan) -> float:
             first = gen.wait_for("start line", lambda: next(iter(gen.events("start")), None))
             time.sleep(max(0.0, first[1]["mono_ns"] / 1e9 + plan.fan_warmup_s - time.monotonic()))
             (cpu,) = cpu_window([bare.pid], plan.fan_window_s)
-            gen.wait_for("end line", lambda: next(iter(gen.events("done")), None), seconds + WAIT_S)
+            done = gen.wait_for("end line", lambda: next(iter(gen.events("done")), None), seconds + WAIT_S)[1]
         code = bare.stop(signal.SIGINT)
-        if code != 0 or not bare.events("done"):
+        ends = bare.events("done")
+        if code != 0 or not ends:
             raise RuntimeError(f"bare receiver: exit {code}; {bare.describe()}")
+        if done["errors"] or ends[-1][1]["packets"] != done["packets"]:  # a failed stream: no floor
+            raise RuntimeError(
+                f"bare receiver: {ends[-1][1]['packets']} of {done['packets']} packets decoded, "
+                f"{done['errors']} stream(s) failed: {done['first_error']}"
+            )
     return cpu
 
 
@@ -922,7 +929,8 @@ def summary_table(res: Results) -> list[str]:
             Figure(f"bare receiver at {n} streams: read and decode only (the floor)",
                    [f.floor * 100 for f in fans], ".0f", core, fl),
             Figure(f"receiver - floor at {n} streams, per packet: what the playout adds",
-                   [f.over_floor_us for f in fans], ".0f", "µs", fl),
+                   [f.over_floor_us for f in fans], ".0f", "µs", fl,
+                   extra=" (saturated: not all of it done)" if behind else ""),
             Figure(f"late + concealed + skipped at {n} streams", [f.bad_pct for f in fans], ".2f",
                    "% of frames", fl, TARGET_BAD_PCT, f"<= {TARGET_BAD_PCT:g} %"),
             Figure(f"latency p95 at {n} streams - at 1 stream", [f.p95 - o.p95 for f, o in pairs], "+.1f",
@@ -956,7 +964,7 @@ def fan_table(res: Results) -> list[str]:
         "| frames sent | frames played | bad | latency p50 / p95 | streams connected | receiver RSS "
         "| per extra stream | load generator CPU | its send lag p95 | receiver's load_pct / capacity "
         "| bare receiver (floor) | receiver - floor, per packet | load average |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|" + "---:|" * 20,
     ]
     one = res.fans.get(1, [])
     for n, fans in sorted(res.fans.items()):
@@ -967,6 +975,7 @@ def fan_table(res: Results) -> list[str]:
         per = ""
         if n > 1 and one:
             per = f"{med([(f.rss_mb - o.rss_mb) / (n - 1) for f, o in zip(fans, one, strict=False)]):.2f} MB"
+        m_played = med([f.played for f in fans])
         cells = [
             str(n),
             m(lambda f: f.recv * 100, ".1f", " %"),
@@ -986,7 +995,7 @@ def fan_table(res: Results) -> list[str]:
             m(lambda f: f.lag_p95, ".1f", " ms"),
             f"{m(lambda f: f.mixer_load, '.0f', ' %')} / {m(lambda f: f.capacity, '.0f')}",
             m(lambda f: f.floor * 100, ".1f", " %"),
-            m(lambda f: f.over_floor_us, ".0f", " µs"),
+            m(lambda f: f.over_floor_us, ".0f", " µs") + (" (saturated)" if m_played < 0.995 else ""),
             loads([f.load for f in fans]),
         ]
         out.append("| " + " | ".join(cells) + " |")
