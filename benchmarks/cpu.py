@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -498,10 +499,8 @@ async def _bare_receiver() -> None:
         async def Clock(
             self, request: pb.ClockProbe, context: grpc.aio.ServicerContext[Any, Any]
         ) -> pb.ClockReply:
-            t = time.time_ns()
-            return pb.ClockReply(
-                sender_send_ns=request.sender_send_ns, receiver_receive_ns=t, receiver_send_ns=t
-            )
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the load generator probes no clock")
+            raise AssertionError("unreachable")  # abort raises
 
         async def Stream(
             self,
@@ -707,22 +706,31 @@ class FanRun:
         return 100 * (self.late + self.concealed + self.skipped) / self.packets if self.packets else math.nan
 
 
+@contextlib.contextmanager
+def warmed_load(port: int, streams: int, plan: Plan) -> Iterator[tuple[Proc, dict[str, Any]]]:
+    """The load generator's ``streams`` into 127.0.0.1:``port``, entered once its warm-up has passed (the
+    measuring window opens); on leaving, it waits for the generator's end line, which fills the dict."""
+    seconds = plan.fan_warmup_s + plan.fan_window_s + 0.5
+    gen = Proc("load generator", helper("--loadgen", f"127.0.0.1:{port}", "--streams", str(streams),
+                                        "--seconds", str(seconds)))  # fmt: skip
+    done: dict[str, Any] = {}
+    with gen:
+        first = gen.wait_for("start line", lambda: next(iter(gen.events("start")), None))
+        time.sleep(max(0.0, first[1]["mono_ns"] / 1e9 + plan.fan_warmup_s - time.monotonic()))
+        yield gen, done
+        end = gen.wait_for("end line", lambda: next(iter(gen.events("done")), None), seconds + WAIT_S)
+        done.update(end[1])
+
+
 def fan_in(streams: int, plan: Plan) -> FanRun:
     load = load1()
     recv, port = start_receiver(streams)
     with recv:
-        seconds = plan.fan_warmup_s + plan.fan_window_s + 0.5
-        gen = Proc("load generator", helper("--loadgen", f"127.0.0.1:{port}", "--streams", str(streams),
-                                            "--seconds", str(seconds)))  # fmt: skip
-        with gen:
-            first = gen.wait_for("start line", lambda: next(iter(gen.events("start")), None))
-            start = first[1]["mono_ns"] / 1e9
-            time.sleep(max(0.0, start + plan.fan_warmup_s - time.monotonic()))
+        with warmed_load(port, streams, plan) as (gen, done):
             t0, threads0 = time.monotonic(), thread_cpu(recv.pid)
             rcpu, gcpu = cpu_window([recv.pid, gen.pid], plan.fan_window_s)
             t1, threads1 = time.monotonic(), thread_cpu(recv.pid)
             rss = rss_mb(recv.pid)
-            done = gen.wait_for("end line", lambda: next(iter(gen.events("done")), None), seconds + WAIT_S)[1]
         stats = recv.events("stats", until=t1)
         code = recv.stop(signal.SIGINT)
         summaries = recv.events("summary")
@@ -764,14 +772,8 @@ def bare_floor(streams: int, plan: Plan) -> float:
     bare = Proc("bare receiver", helper("--bare-recv"))
     with bare:
         port = bare.wait_for("port line", lambda: next(iter(bare.events("listening")), None))[1]["port"]
-        seconds = plan.fan_warmup_s + plan.fan_window_s + 0.5
-        gen = Proc("load generator", helper("--loadgen", f"127.0.0.1:{port}", "--streams", str(streams),
-                                            "--seconds", str(seconds)))  # fmt: skip
-        with gen:
-            first = gen.wait_for("start line", lambda: next(iter(gen.events("start")), None))
-            time.sleep(max(0.0, first[1]["mono_ns"] / 1e9 + plan.fan_warmup_s - time.monotonic()))
+        with warmed_load(port, streams, plan) as (_, done):
             (cpu,) = cpu_window([bare.pid], plan.fan_window_s)
-            done = gen.wait_for("end line", lambda: next(iter(gen.events("done")), None), seconds + WAIT_S)[1]
         code = bare.stop(signal.SIGINT)
         ends = bare.events("done")
         if code != 0 or not ends:

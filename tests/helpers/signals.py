@@ -274,13 +274,12 @@ def follow_warp(
     # matches itself a pitch period away; each next window looks only as far from its neighbour's shift
     # as the timeline can slide in between (MAX_SLIDE), so a false match a period away is out of reach.
     coarse = _track_shifts(ref_m, rec_m, shift_max, block)
-    if not coarse:
+    if not coarse[0].size:
         return rec.copy()
     # Fine: windows a fifth as long, each searched near the coarse line only. Within a long window a
     # 0.5 % steer also shifts the pitch, which blurs the match by several samples; a short one is sharp.
-    guide = (np.array([c for c, _ in coarse]), np.array([v for _, v in coarse]), MAX_SLIDE * block + 2)
-    line = _track_shifts(ref_m, rec_m, shift_max, max(8, block // 5), guide) or coarse
-    return retime(rec, np.array([c for c, _ in line]), np.array([v for _, v in line]))
+    fine = _track_shifts(ref_m, rec_m, shift_max, max(8, block // 5), (*coarse, MAX_SLIDE * block + 2))
+    return retime(rec, *(fine if fine[0].size else coarse))
 
 
 def retime(received: npt.ArrayLike, centres: _F64, shifts: _F64) -> _F64:
@@ -300,13 +299,14 @@ def _track_shifts(
     shift_max: int,
     block: int,
     guide: tuple[_F64, _F64, float] | None = None,
-) -> list[tuple[float, float]]:
-    """(window centre, shift) every half ``block`` of ``ref_m`` (silent windows skipped): where in
+) -> tuple[_F64, _F64]:
+    """(window centres, shifts) every half ``block`` of ``ref_m`` (silent windows skipped): where in
     ``rec_m`` (padded by ``shift_max`` each side) the window matches best, to a fraction of a sample.
     With a ``guide`` (centres, shifts, reach: a coarser line) each window looks within reach of it;
     without, the clearest window anchors the others, each within MAX_SLIDE of its neighbour."""
     n = ref_m.size
     windows: list[tuple[int, _F64]] = []  # start, match at each shift (-shift_max first)
+    best: list[int] = []  # where each matches best
     strength: list[float] = []
     for start in range(0, n - block + 1, max(1, block // 2)):
         r = ref_m[start : start + block]
@@ -317,13 +317,13 @@ def _track_shifts(
         i = int(np.argmax(score))
         seg = rec_m[start + i : start + i + block]
         windows.append((start, score))
+        best.append(i)
         strength.append(float(score[i]) / math.sqrt(energy * float(np.dot(seg, seg)) + 1e-30))
     if not windows:
-        return []
+        return np.zeros(0), np.zeros(0)
     found: dict[int, float] = {}
     # The anchor: the clearest window among those that agree with most (a false match is the exception).
-    best = np.array([int(np.argmax(score)) for _, score in windows])
-    agree = np.abs(best - np.median(best)) <= MAX_SLIDE * block + 2
+    agree = np.abs(np.array(best) - np.median(best)) <= MAX_SLIDE * block + 2
     anchor = int(np.argmax(np.where(agree, strength, -np.inf)))
     for way in (range(anchor, len(windows)), range(anchor - 1, -1, -1)):
         prev = anchor if anchor in found else None
@@ -350,7 +350,8 @@ def _track_shifts(
                     frac = max(-0.5, min(0.5, 0.5 * (y0 - y2) / bend))
             found[j] = i - shift_max + frac
             prev = j
-    return [(windows[j][0] + block / 2, found[j]) for j in sorted(found)]
+    kept = sorted(found)
+    return np.array([windows[j][0] + block / 2 for j in kept]), np.array([found[j] for j in kept])
 
 
 def chunked_snr_db(
