@@ -159,6 +159,8 @@ def child_env() -> dict[str, str]:
     # An installed tiality has its bytecode cached; without the cache every child compiles tiality's ~30
     # modules again (0.03 s of the start-up's CPU here, where the environment sets this).
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    # The figures are tiality's own choice of BLAS threads (the CLI sets one), not this shell's.
+    env.pop("OPENBLAS_NUM_THREADS", None)
     return env
 
 
@@ -316,12 +318,17 @@ def cpu_window(pids: Sequence[int], seconds: float) -> list[float]:
     return [(b - a) / wall for a, b in zip(c0, c1, strict=True)]
 
 
-def child_cpu(cmd: list[str], timeout: float = WAIT_S, started: Callable[[int], None] | None = None) -> float:
+def child_cpu(
+    cmd: list[str],
+    timeout: float = WAIT_S,
+    started: Callable[[int], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> float:
     """Total CPU seconds (user + system) of a child from exec to exit, from os.wait4's rusage.
 
-    ``started`` is called with the child's pid as soon as it exists."""
+    ``started`` is called with the child's pid as soon as it exists; ``env`` is added to child_env()."""
     with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+        p = subprocess.Popen(cmd, env=child_env() | (env or {}), cwd=ROOT, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
         _LIVE.add(p)
         if started is not None:
@@ -610,6 +617,8 @@ class StartRun:
     first_packet_s: float  # the sender's CPU when its first packet reached the receiver
     exit_s: float  # ... and from exec to exit (one packet, then the summary, shutdown, interpreter exit)
     import_grpc_s: float
+    import_numpy_s: float  # numpy's default: an OpenBLAS thread per core
+    import_numpy_single_s: float  # with OPENBLAS_NUM_THREADS=1, as the CLI runs it
 
 
 class _FirstPacket:
@@ -670,7 +679,9 @@ def start_cpu() -> StartRun:
     finally:
         rx.close()
     g = child_cpu([sys.executable, "-c", "import grpc"])
-    return StartRun(load, rx.cpu_s, total, g)
+    np_default = child_cpu([sys.executable, "-c", "import numpy"])
+    np_single = child_cpu([sys.executable, "-c", "import numpy"], env={"OPENBLAS_NUM_THREADS": "1"})
+    return StartRun(load, rx.cpu_s, total, g, np_default, np_single)
 
 
 @dataclass(frozen=True, slots=True)
@@ -910,6 +921,10 @@ def summary_table(res: Results) -> list[str]:
                "s", [s.load for s in st]),
         Figure('`python -c "import grpc"` CPU (reference)', [s.import_grpc_s for s in st], ".2f", "s",
                [s.load for s in st]),
+        Figure('`python -c "import numpy"` CPU, an OpenBLAS thread per core (numpy\'s default)',
+               [s.import_numpy_s for s in st], ".2f", "s", [s.load for s in st]),
+        Figure('the same with `OPENBLAS_NUM_THREADS=1` (what the CLI sets)',
+               [s.import_numpy_single_s for s in st], ".2f", "s", [s.load for s in st]),
         Figure("receiver idle (`recv -o null:// --json`)", [s.recv_idle * 100 for s in ss], ".2f", core, sl),
         Figure("receiver, 1 stream from `tiality send`", [s.recv_sender * 100 for s in ss], ".2f", core, sl),
         Figure("receiver, 1 stream from the bare client", [s.recv_bare * 100 for s in ss], ".2f", core, sl),

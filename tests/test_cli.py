@@ -260,6 +260,29 @@ def test_send_quiet_imports_neither_pydantic_nor_rich_nor_the_receiver(
     assert "packets_sent=10 " in proc.stdout  # 0.1 s of 10 ms frames
 
 
+def test_the_entry_point_keeps_numpy_to_one_blas_thread() -> None:
+    """numpy's OpenBLAS starts a thread per extra core at import, each spinning for work tiality never
+    gives it (0.1 s of the sender's start-up CPU here); the entry point asks for one, and an explicit
+    setting wins. Threads are counted in /proc right after numpy's import, against numpy's default."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    count = "import numpy, os; print(len(os.listdir('/proc/self/task')), os.getenv('OPENBLAS_NUM_THREADS'))"
+
+    def threads(code: str, **extra: str) -> tuple[int, str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env | extra, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        n, setting = proc.stdout.split()
+        return int(n), setting
+
+    entry = "from tiality_cli.__main__ import prepare_process; prepare_process(); " + count
+    default, _ = threads(count)
+    assert threads(entry) == (1, "1")
+    assert threads(entry, OPENBLAS_NUM_THREADS="2") == (min(2, default), "2")  # the user's choice stands
+    # numpy's default here (this machine's cores), so the figure above shows the saving.
+    assert default == min(os.cpu_count() or 1, 64), f"numpy's default started {default} threads"
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
