@@ -14,7 +14,10 @@ import re
 import subprocess
 import sys
 import threading
+import time
+from concurrent import futures
 
+import grpc
 import numpy as np
 import pytest
 
@@ -22,7 +25,7 @@ from tests.helpers.waiting import wait_until
 from tiality_cli.errors import RejectedError
 from tiality_cli.io.files import NullSink
 from tiality_cli.receiver import Receiver, ReceiverConfig, ReceiverEvent
-from tiality_cli.sender import Sender, SenderConfig
+from tiality_cli.sender import Sender, SenderConfig, SendResult
 
 TIALITY = [sys.executable, "-m", "tiality_cli"]
 LOW_CAPACITY = ("--max-load", "0.01")  # any mixing takes more of real time than that
@@ -165,3 +168,167 @@ def test_an_overload_ends_after_five_calm_seconds_in_a_row_and_a_busy_second_res
     assert not rx.overloaded
     assert [e.kind for e in got] == ["overload", "overload_ended"]
     assert re.fullmatch(r"mixing takes \d+ % of real time", got[1].detail), got[1].detail
+
+
+class _Pacer:
+    """The test's own output: pulls ``fill`` a 5 ms block at a time in real time, so the load windows
+    (a second of audio each) close only when the test pulls them, with the limit it sets for each."""
+
+    def __init__(self, rx: Receiver) -> None:
+        self.rx = rx
+        self.block = np.zeros((240, 2), dtype=np.float32)
+        self.next = time.monotonic()
+
+    def second(self, limit_pct: float) -> None:
+        self.rx.config = dataclasses.replace(self.rx.config, max_load_pct=limit_pct)
+        self.next = max(self.next, time.monotonic())
+        for _ in range(200):
+            self.rx.fill(self.block)
+            self.next += 0.005
+            time.sleep(max(0.0, self.next - time.monotonic()))
+
+
+def _grpc_server(kind: str) -> tuple[grpc.Server | None, int]:
+    """No server (the receiver's own grpc.aio one) or a shared synchronous one, as a GUI's."""
+    if kind == "own":
+        return None, 0
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+SHED = (
+    r"receiver overloaded: mixing 4 senders takes \d+ % of real time \(limit 0\.0001 %, --max-load\); "
+    r"it carries about 0"
+)
+
+
+@pytest.mark.parametrize("server_kind", ["own", "shared-sync"])
+@pytest.mark.parametrize("shed", [True, False], ids=["shed", "no-shed"])
+def test_a_burst_beyond_capacity_ends_the_newest_senders_and_the_others_play_on(
+    shed: bool, server_kind: str
+) -> None:
+    """Senders admitted before the load was known (a burst) are ended, newest first, once the mixer has
+    been overloaded for two windows, down to what it carries (at least one); a sender that was playing
+    while it kept up is never ended. With shed off, every sender stays."""
+    server, port = _grpc_server(server_kind)
+    rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8, shed=shed), server=server)
+    got: list[ReceiverEvent] = []
+    rx.subscribe(got.append)
+    port = rx.start() or port
+    pacer = _Pacer(rx)
+    results: dict[str, object] = {}
+
+    def send(name: str, seconds: float) -> None:
+        cfg = SenderConfig(f"127.0.0.1:{port}", seconds=seconds, reconnect=False, name=name)
+        try:
+            results[name] = Sender(f"tone://{300 + len(results) * 50}", cfg).run()
+        except RejectedError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=send, args=("old", 6.0))]
+    try:
+        threads[0].start()
+        wait_until(lambda: len(rx.sessions()) == 1, 20, "the first sender")
+        pacer.second(100.0)  # a window that kept up, after the first sender joined: it is not new
+        for name in ("new1", "new2", "new3"):
+            threads.append(threading.Thread(target=send, args=(name, 6.0)))
+            threads[-1].start()
+        wait_until(lambda: len(rx.sessions()) == 4, 20, "the burst of three")
+        pacer.second(0.0001)  # overloaded: the warning, nobody ended yet
+        assert len(rx.sessions()) == 4 and rx.overloaded
+        pacer.second(0.0001)  # the second overloaded window in a row
+        kept = [s.name.split()[0] for s in rx.sessions()]  # "old tone://300": the name, then the input
+        while any(t.is_alive() for t in threads):
+            pacer.second(100.0)
+        for t in threads:
+            t.join()
+    finally:
+        rx.stop()
+        if server is not None:
+            server.stop(None)
+    old = results["old"]
+    assert isinstance(old, SendResult), old
+    assert (old.packets_sent, old.receiver_packets, old.receiver_lost) == (300, 300, 0)
+    kinds = [e.kind for e in got]
+    if not shed:
+        assert kept[0] == "old" and sorted(kept[1:]) == ["new1", "new2", "new3"] and "shed" not in kinds
+        assert all(isinstance(results[n], SendResult) for n in ("new1", "new2", "new3"))
+        return
+    assert kept == ["old"]
+    for name in ("new1", "new2", "new3"):
+        err = results[name]
+        assert isinstance(err, RejectedError), err
+        assert re.fullmatch(
+            rf"127\.0\.0\.1:{port} refused the stream: {SHED}: the newest senders were ended", str(err)
+        ), str(err)
+    assert kinds.count("shed") == 1
+    (shed_event,) = [e for e in got if e.kind == "shed"]
+    assert re.fullmatch(rf"ended the 3 newest senders to keep up: {SHED}", shed_event.detail)
+    ended = [e for e in got if e.kind == "stream_ended" and e.detail.startswith("shed: ")]
+    assert sorted(e.name.split()[0] for e in ended) == ["new1", "new2", "new3"]
+    assert rx.streams_started == 4 and rx.streams_ended == 4
+
+
+@pytest.mark.parametrize("shed", [True, False], ids=["shed", "no-shed"])
+def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(shed: bool) -> None:
+    """Three senders open their streams at once, within the receiver's first second (before its load is
+    known); with a capacity of 0 (``--max-load 0.01``) recv ends the two newest after two overloaded
+    seconds and says so once on stderr, the senders get the figures, and the summary counts them."""
+    recv = subprocess.Popen(
+        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json", *LOW_CAPACITY,
+         "--max-senders", "8", "--shed" if shed else "--no-shed"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )  # fmt: skip
+    results: list[object] = []
+    try:
+        assert recv.stderr is not None and recv.stdout is not None
+        m = re.search(r"listening on port (\d+)", recv.stderr.readline())
+        assert m
+        target = f"127.0.0.1:{m.group(1)}"
+        go = threading.Barrier(3)
+
+        def send(hz: int) -> None:
+            sender = Sender(f"tone://{hz}", SenderConfig(target, seconds=5.0, reconnect=False))
+            go.wait()
+            try:
+                results.append(sender.run())
+            except RejectedError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=send, args=(hz,)) for hz in (300, 400, 500)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        recv.send_signal(2)
+        out, err = recv.communicate(timeout=30)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+        recv.wait()
+    summary = json.loads(out.splitlines()[-1])
+    assert recv.returncode == 0 and summary["streams_started"] == 3, err
+    played = [r for r in results if isinstance(r, SendResult)]
+    ended = [r for r in results if isinstance(r, RejectedError)]
+    lines = [ln for ln in err.splitlines() if "ended the" in ln]
+    if not shed:
+        assert len(played) == 3 and summary["streams_shed"] == 0 and not lines
+        return
+    assert len(played) == 1 and len(ended) == 2 and summary["streams_shed"] == 2
+    assert played[0].receiver_packets == played[0].packets_sent == 250 and played[0].receiver_lost == 0
+    figures = (
+        r"receiver overloaded: mixing 3 senders takes \d+ % of real time \(limit 0\.01 %, --max-load\); "
+        r"it carries about 0"
+    )
+    for exc in ended:
+        assert re.fullmatch(
+            rf"{target} refused the stream: {figures}: the newest senders were ended", str(exc)
+        ), str(exc)
+    assert len(lines) == 1 and re.fullmatch(
+        rf"tiality recv: warning: ended the 2 newest senders to keep up: {figures}", lines[0]
+    ), lines

@@ -67,7 +67,12 @@ Outgoing = StreamInfo | ClockEstimate | Packet
 
 
 class StreamHandler(Protocol):
-    """The receiver's side of one accepted stream; the transport calls it from that stream's thread."""
+    """The receiver's side of one accepted stream; the transport calls it from that stream's thread.
+
+    ``evicted`` is set (to the reason) when the receiver ends the stream itself to keep up with the
+    others: the transport then ends the call with RESOURCE_EXHAUSTED and that reason."""
+
+    evicted: str | None
 
     def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int) -> None: ...
 

@@ -57,10 +57,14 @@ EVENT_KINDS = (
     "sender_refused",
     "overload",
     "overload_ended",
+    "shed",
 )
-LOAD_WINDOW_S = 1.0  # the mixer's load is measured over this much audio
+LOAD_WINDOW_S = 1.0  # the mixer's load is measured over this much audio...
+LOAD_WINDOW_WALL_NS = 1_500_000_000  # ... or this much wall time, when it plays slower than real time,
+LOAD_WINDOW_MIN_S = 0.25  # ... once it holds this much audio (an output that paused says little)
 LOAD_CLEAR = 0.9  # an overload ends when the load stays below this share of the limit...
 LOAD_CALM = 5  # ... for this many windows in a row (a load hovering at the limit warns once)
+SHED_AFTER = 2  # overloaded windows in a row before the newest senders are ended (one may be a host stall)
 
 log = logging.getLogger("tiality")
 
@@ -82,6 +86,10 @@ class ReceiverConfig:
     # The share of real time the mixer (decoding, resampling, mixing every stream) may take: beyond it the
     # receiver reports an overload, and refuses new senders once as many as it can carry are playing.
     max_load_pct: float = 80.0
+    # Overloaded for SHED_AFTER windows with senders that joined since it last kept up (a burst of them
+    # before the load was known): end the newest of those until it carries no more than it can. False:
+    # keep every sender, all degraded.
+    shed: bool = True
 
     def validate(self) -> ReceiverConfig:
         """Raises ConfigError naming the option, for library callers as for the CLI."""
@@ -123,7 +131,7 @@ def gain_from_db(db: float, what: str = "gain") -> float:
 class ReceiverEvent:
     """Something that happened to the receiver, delivered to subscribers in order, off the audio thread."""
 
-    kind: str  # stream_started, stream_ended, output_error, sender_refused, overload, overload_ended
+    kind: str  # stream_started, stream_ended, output_error, sender_refused, overload, overload_ended, shed
     session_id: int  # the sender's session (0 for output_error, sender_refused and the overload events)
     time_ns: int  # receiver wall clock
     peer: str = ""  # gRPC peer, e.g. 'ipv4:192.168.1.20:51234'
@@ -223,6 +231,8 @@ class Session:
     _muted: bool = False
     _solo: bool = False
     _done: threading.Event = field(default_factory=threading.Event)  # played out, or the receiver stopped
+    # Why the receiver ended this stream to keep up with the others (the transport ends the call with it).
+    evicted: str | None = None
     _tap_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -389,6 +399,7 @@ class Receiver:
         self._burst_clock = _BurstClock(clock)  # the playouts' clock (see fill)
         self.finished: list[ReceiverStats] = []  # stats of ended streams, for the summary
         self.streams_started = 0
+        self.streams_shed = 0  # ended by the receiver to keep up with the others (see ReceiverConfig.shed)
         self.streams_ended = 0
         self.port = 0
         self._sessions: tuple[Session, ...] = ()
@@ -417,12 +428,15 @@ class Receiver:
         self._busy_ns = 0
         self._mix_ns = 0  # of which in the per-stream loop (pull, gain, sum): what one more sender adds to
         self._load_samples = 0
+        self._load_t0 = 0  # perf_counter_ns() of the window's first fill
         self._load_streams = 0  # sessions x samples, for the mean number of streams over the window
         self._load: float | None = None  # the last window's load (1.0: all of real time)
         self._stream_load = 0.0  # the last window's per-stream part of it, per stream
         self._load_mean_streams = 0.0
         self._overloaded = False
         self._calm = 0  # windows in a row below the overload's end
+        self._over = 0  # windows in a row above the limit
+        self._kept_up_ns = 0  # when a load window last ended within the limit (senders since then are new)
         self._alloc(4096, 2)
         # The output timeline: mixer sample position -> monotonic time it was pulled (fitted from below).
         self._pos = 0
@@ -724,14 +738,20 @@ class Receiver:
             self._wav_rec.push(pcm)
         self._fills += 1
         self._busy_ns += time.perf_counter_ns() - t0
+        if not self._load_samples:
+            self._load_t0 = t0
         self._load_samples += n
         self._load_streams += len(sessions) * n
-        if self._load_samples >= LOAD_WINDOW_S * self._out_rate:
+        rate = self._out_rate
+        if self._load_samples >= LOAD_WINDOW_S * rate or (
+            t0 - self._load_t0 >= LOAD_WINDOW_WALL_NS and self._load_samples >= LOAD_WINDOW_MIN_S * rate
+        ):
             self._measure_load()
         return playing
 
     def _measure_load(self) -> None:
-        """Closes a load window (the sink's thread, once a second): the share of real time fill() took,
+        """Closes a load window (the sink's thread, after a second of audio, or 1.5 s of wall time when the
+        output falls behind, so that an overload shows within seconds): the share of real time fill() took,
         GIL waits and preemption included (what decides whether the output keeps up), and the overload
         events when it crosses the limit (ended: below 90 % of it for 5 s)."""
         audio_ns = self._load_samples * 1e9 / self._out_rate
@@ -743,14 +763,53 @@ class Receiver:
         limit = self.config.max_load_pct / 100
         if load > limit:
             self._calm = 0
+            self._over += 1
             if not self._overloaded:
                 self._overloaded = True
                 self._emit("overload", detail=self.overload_text())
-        elif self._overloaded:
+            if self.config.shed and self._over >= SHED_AFTER:
+                self._shed()
+            return
+        self._over = 0
+        self._kept_up_ns = self.clock.monotonic_ns()
+        if self._overloaded:
             self._calm = self._calm + 1 if load < limit * LOAD_CLEAR else 0
             if self._calm >= LOAD_CALM:
                 self._overloaded = False
                 self._emit("overload_ended", detail=f"mixing takes {load * 100:.0f} % of real time")
+
+    def _shed(self) -> None:
+        """Ends the newest senders that joined since the mixer last kept up, until it carries no more
+        than its capacity (at least one stays): a burst of senders beyond capacity, admitted before the
+        load was known, would otherwise degrade every stream for good. Their calls end with the reason."""
+        cap = self.capacity
+        if cap is None:
+            return
+        with self._lock:
+            sessions = self._sessions
+            excess = len(sessions) - max(1, cap)
+            new = [s for s in sessions if s.started_ns > self._kept_up_ns]
+            victims = new[len(new) - min(excess, len(new)) :] if excess > 0 else []
+            if not victims:
+                return
+            text = self.overload_text()
+            reason = f"{text}: the newest senders were ended"
+            gone = set(map(id, victims))
+            self._sessions = tuple(s for s in sessions if id(s) not in gone)
+            for s in victims:
+                s.evicted = reason
+                self.finished.append(s.stats)
+                self.streams_ended += 1
+                s._done.set()  # its close() answers at once: its buffered audio is not played
+                self._emit("stream_ended", s, detail=f"shed: {text}")
+            n = len(victims)
+            self.streams_shed += n
+            self._emit(
+                "shed",
+                detail=f"ended the {n} newest sender{'s' if n != 1 else ''} to keep up: {text}",
+            )
+            self._changed.notify_all()
+        self._over = 0  # the next windows show the load without them
 
     @property
     def load_pct(self) -> float | None:

@@ -315,6 +315,14 @@ def recv(
             metavar="PCT",
         ),
     ] = 80.0,
+    shed: Annotated[
+        bool,
+        typer.Option(
+            help="Overloaded for 2-3 s by senders that joined since it last kept up (a burst before the load "
+            "was known): end the newest of them (RESOURCE_EXHAUSTED) until it carries what it can. "
+            "--no-shed keeps them all, every stream degraded.",
+        ),
+    ] = True,
     token: TokenOption = None,
     token_file: TokenFileOption = None,
     tls_cert: Annotated[str | None, typer.Option(help="Certificate (PEM) to serve TLS with.")] = None,
@@ -382,6 +390,7 @@ def recv(
             security=security,
             record=record,
             max_load_pct=max_load,
+            shed=shed,
         )
         receiver = Receiver(sink, config)
         with stop_on_signals() as stop:

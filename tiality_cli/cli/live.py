@@ -411,6 +411,7 @@ def receiver_fields(receiver: Receiver, snap: StatsSnapshot, played_s: float) ->
         "volume_db": round(receiver.volume_db, 1),
         "muted": receiver.muted,
         "streams_started": receiver.streams_started,
+        "streams_shed": receiver.streams_shed,
         "load_pct": None if receiver.load_pct is None else round(receiver.load_pct, 1),
         "capacity": receiver.capacity,
         "overloaded": receiver.overloaded,
@@ -440,12 +441,14 @@ def run_receiver(
     from tiality_cli.io.base import ClockedSink
 
     def warn(event: ReceiverEvent) -> None:
-        """An overload, on stderr whatever the output mode: the figures go on, worse, until it ends."""
+        """An overload (and the senders ended to end it), on stderr whatever the output mode."""
         if event.kind == "overload":
             text = f"tiality recv: warning: {event.detail}; new senders are refused"
             print(text, file=sys.stderr, flush=True)
         elif event.kind == "overload_ended":
             print(f"tiality recv: overload ended: {event.detail}", file=sys.stderr, flush=True)
+        elif event.kind == "shed":
+            print(f"tiality recv: warning: {event.detail}", file=sys.stderr, flush=True)
 
     receiver.subscribe(warn)
     receiver.start()

@@ -214,6 +214,10 @@ class ClockedSink:
     """Base for sinks with no hardware clock: a thread calls ``fill`` once per frame period."""
 
     fixed_format: AudioFormat | None = None
+    # How far behind its schedule the thread may fall (fill() slower than real time) before it gives the
+    # time up and plays on from now, as a sound card does after an underrun; None: it catches up, so that
+    # a file keeps every sample.
+    max_lag_ns: int | None = None
 
     def __init__(self, name: str, clock: Clock = SYSTEM_CLOCK) -> None:
         self.name = name
@@ -248,12 +252,16 @@ class ClockedSink:
         due = self._clock.monotonic_ns()
         while not self._halt.is_set():
             due += period
-            delay = due - self._clock.monotonic_ns()
+            now = self._clock.monotonic_ns()
+            delay = due - now
             if delay > 0:
                 if self._halt.wait(delay / 1e9):
                     break
             elif delay < -period:
                 self.late_ticks += 1
+                if self.max_lag_ns is not None and delay < -self.max_lag_ns:
+                    self.underruns += 1
+                    due = now
             if fill(buf):
                 keep = len(buf)
                 if self.limit_seconds is not None:

@@ -155,7 +155,10 @@ class WavSource:
 
 
 class NullSink(ClockedSink):
-    """Discards audio, at real-time pace, so statistics and latency are those of a real output."""
+    """Discards audio, at real-time pace, so statistics and latency are those of a real output: one that
+    falls 200 ms behind (a receiver slower than real time) gives the time up, as a sound card would."""
+
+    max_lag_ns = 200_000_000
 
     def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__("null://", clock)

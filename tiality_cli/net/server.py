@@ -209,10 +209,14 @@ class _Servicer(_Service, pb_grpc.AudioStreamServicer):
                 except Exception:  # the sender vanished mid-stream (cancelled, reset): play what arrived
                     break
                 _deliver(msg, handler)
+                if handler.evicted is not None:  # the receiver ended it to keep up with the others
+                    break
         finally:
             with self._lock:
                 self._calls[context] = False  # the sender is done: let its answer go out
             totals = handler.close()
+        if handler.evicted is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, handler.evicted)
         return totals_to_pb(totals)
 
     def _cancel(self, call: Any) -> None:
@@ -302,6 +306,9 @@ class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
                 break
             assert isinstance(msg, pb.StreamMessage)
             _deliver(msg, handler)
+            if handler.evicted is not None:  # the receiver ended it to keep up with the others
+                ended = (grpc.StatusCode.RESOURCE_EXHAUSTED, handler.evicted)
+                break
         with self._lock:
             self._calls[task] = False  # the sender is done: let its answer go out
         # close() waits for the stream's audio to play out: off the loop. When the receiver stops, it
