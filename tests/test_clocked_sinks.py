@@ -47,7 +47,7 @@ def _run_with_one_slow_fill(sink: ClockedSink) -> tuple[float, float]:
 def test_null_gives_the_time_up_after_an_underrun() -> None:
     sink = NullSink()
     audio_s, wall_s = _run_with_one_slow_fill(sink)
-    assert sink.underruns == 1
+    assert sink.underruns >= 1  # one for the slow fill (a host stall of 200 ms or more adds its own)
     # The 300 ms were not caught up: about that much less audio than wall time (a block or two of slack
     # at each end, and room for a host stall).
     assert abs((wall_s - audio_s) - STALL_S) < 0.06, (wall_s, audio_s)

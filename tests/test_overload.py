@@ -24,6 +24,7 @@ import pytest
 from tests.helpers.waiting import wait_until
 from tiality_cli.errors import RejectedError
 from tiality_cli.io.files import NullSink
+from tiality_cli.link import DirectLink
 from tiality_cli.receiver import Receiver, ReceiverConfig, ReceiverEvent
 from tiality_cli.sender import Sender, SenderConfig, SendResult
 
@@ -179,69 +180,81 @@ class _Pacer:
         self.block = np.zeros((240, 2), dtype=np.float32)
         self.next = time.monotonic()
 
-    def second(self, limit_pct: float) -> None:
+    def pull(self, limit_pct: float, blocks: int = 200) -> None:
         self.rx.config = dataclasses.replace(self.rx.config, max_load_pct=limit_pct)
         self.next = max(self.next, time.monotonic())
-        for _ in range(200):
+        for _ in range(blocks):
             self.rx.fill(self.block)
             self.next += 0.005
             time.sleep(max(0.0, self.next - time.monotonic()))
 
 
-def _grpc_server(kind: str) -> tuple[grpc.Server | None, int]:
-    """No server (the receiver's own grpc.aio one) or a shared synchronous one, as a GUI's."""
-    if kind == "own":
-        return None, 0
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
+def _transport(kind: str, rx_cfg: ReceiverConfig) -> tuple[Receiver, grpc.Server | None, int]:
+    """The receiver's own grpc.aio server, a shared synchronous one (as a GUI's), or no sockets at all
+    (a DirectLink in the same process); the port its senders use (0: direct)."""
+    server = None
+    if kind == "shared-sync":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+    elif kind == "direct":
+        rx_cfg = dataclasses.replace(rx_cfg, listen=False)
+    rx = Receiver(None, rx_cfg, server=server)
+    own = rx.start()
+    return rx, server, own or (port if server is not None else 0)
 
 
-SHED = (
+FIGURES = (
     r"receiver overloaded: mixing 4 senders takes \d+ % of real time \(limit 0\.0001 %, --max-load\); "
     r"it carries about 0"
 )
+SHED_REASON = (
+    rf"ended this stream to keep its other 1 sender playing: it joined in a burst beyond what the "
+    rf"receiver can mix \({FIGURES}\)"
+)
 
 
-@pytest.mark.parametrize("server_kind", ["own", "shared-sync"])
+@pytest.mark.parametrize("transport", ["own", "shared-sync", "direct"])
 @pytest.mark.parametrize("shed", [True, False], ids=["shed", "no-shed"])
 def test_a_burst_beyond_capacity_ends_the_newest_senders_and_the_others_play_on(
-    shed: bool, server_kind: str
+    shed: bool, transport: str
 ) -> None:
-    """Senders admitted before the load was known (a burst) are ended, newest first, once the mixer has
-    been overloaded for two windows, down to what it carries (at least one); a sender that was playing
-    while it kept up is never ended. With shed off, every sender stays."""
-    server, port = _grpc_server(server_kind)
-    rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8, shed=shed), server=server)
+    """Senders that join during a window, before their cost is known (a burst: here in the middle of a
+    window that kept up), are ended newest first once the mixer has been overloaded for two windows,
+    down to what it carries (at least one stays); a sender that was playing through a whole window
+    that kept up is never ended. With shed off, every sender stays."""
+    cfg = ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8, shed=shed)
+    rx, server, port = _transport(transport, cfg)
     got: list[ReceiverEvent] = []
     rx.subscribe(got.append)
-    port = rx.start() or port
     pacer = _Pacer(rx)
     results: dict[str, object] = {}
 
-    def send(name: str, seconds: float) -> None:
-        cfg = SenderConfig(f"127.0.0.1:{port}", seconds=seconds, reconnect=False, name=name)
+    def send(name: str, hz: int) -> None:
+        scfg = SenderConfig(f"127.0.0.1:{port or 1}", seconds=6.0, reconnect=False, name=name)
+        direct = (lambda: DirectLink(rx.open_stream, "direct")) if transport == "direct" else None
         try:
-            results[name] = Sender(f"tone://{300 + len(results) * 50}", cfg).run()
+            results[name] = Sender(f"tone://{hz}", scfg, connector=direct).run()
         except RejectedError as exc:
             results[name] = exc
 
-    threads = [threading.Thread(target=send, args=("old", 6.0))]
+    threads = [threading.Thread(target=send, args=("old", 300))]
     try:
         threads[0].start()
         wait_until(lambda: len(rx.sessions()) == 1, 20, "the first sender")
-        pacer.second(100.0)  # a window that kept up, after the first sender joined: it is not new
-        for name in ("new1", "new2", "new3"):
-            threads.append(threading.Thread(target=send, args=(name, 6.0)))
+        pacer.pull(100.0)  # a whole window that kept up, with the first sender in it: it is not new
+        pacer.pull(100.0, 100)  # half of the next window...
+        for name, hz in (("new1", 350), ("new2", 400), ("new3", 450)):
+            threads.append(threading.Thread(target=send, args=(name, hz)))
             threads[-1].start()
         wait_until(lambda: len(rx.sessions()) == 4, 20, "the burst of three")
-        pacer.second(0.0001)  # overloaded: the warning, nobody ended yet
+        pacer.pull(100.0, 100)  # ... which keeps up, with the burst in its second half: still new
+        pacer.pull(0.0001)  # overloaded: the warning, nobody ended yet
         assert len(rx.sessions()) == 4 and rx.overloaded
-        pacer.second(0.0001)  # the second overloaded window in a row
+        pacer.pull(0.0001)  # the second overloaded window in a row
         kept = [s.name.split()[0] for s in rx.sessions()]  # "old tone://300": the name, then the input
         while any(t.is_alive() for t in threads):
-            pacer.second(100.0)
+            pacer.pull(100.0)
         for t in threads:
             t.join()
     finally:
@@ -255,20 +268,76 @@ def test_a_burst_beyond_capacity_ends_the_newest_senders_and_the_others_play_on(
     if not shed:
         assert kept[0] == "old" and sorted(kept[1:]) == ["new1", "new2", "new3"] and "shed" not in kinds
         assert all(isinstance(results[n], SendResult) for n in ("new1", "new2", "new3"))
+        assert rx.streams_shed == 0
         return
-    assert kept == ["old"]
+    assert kept == ["old"] and rx.streams_shed == 3
+    peer = "direct" if transport == "direct" else rf"127\.0\.0\.1:{port}"
     for name in ("new1", "new2", "new3"):
         err = results[name]
         assert isinstance(err, RejectedError), err
-        assert re.fullmatch(
-            rf"127\.0\.0\.1:{port} refused the stream: {SHED}: the newest senders were ended", str(err)
-        ), str(err)
+        assert re.fullmatch(rf"{peer} {SHED_REASON}", str(err)), str(err)
+        assert err.__class__ is RejectedError  # send exits 7, as when refused
     assert kinds.count("shed") == 1
     (shed_event,) = [e for e in got if e.kind == "shed"]
-    assert re.fullmatch(rf"ended the 3 newest senders to keep up: {SHED}", shed_event.detail)
+    assert re.fullmatch(
+        rf"ended the 3 newest senders \((new\d, ){{2}}new\d\) to keep the other 1 playing: {FIGURES}",
+        shed_event.detail,
+    ), shed_event.detail
     ended = [e for e in got if e.kind == "stream_ended" and e.detail.startswith("shed: ")]
     assert sorted(e.name.split()[0] for e in ended) == ["new1", "new2", "new3"]
     assert rx.streams_started == 4 and rx.streams_ended == 4
+
+
+def test_a_window_closes_after_1_5_s_of_wall_time_when_the_output_falls_behind() -> None:
+    """The load is measured over a second of audio; an output playing slower than real time closes its
+    window after 1.5 s of wall time instead (with at least 0.25 s of audio in it), so that an overload
+    shows within seconds. Driven by hand: 5 ms blocks at half speed, and at full speed for comparison."""
+    rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1"))
+    rx.start()
+    block = np.zeros((240, 2), dtype=np.float32)
+    try:
+        t0 = time.monotonic()
+        pulled = 0
+        while rx.load_pct is None and time.monotonic() - t0 < 5:
+            rx.fill(block)
+            pulled += 1
+            time.sleep(max(0.0, t0 + pulled * 0.010 - time.monotonic()))  # 5 ms of audio every 10 ms
+        wall = time.monotonic() - t0
+        assert rx.load_pct is not None
+        # 1.5 s of wall time holds about 0.75 s of audio: the window closed on time, not on audio.
+        assert 1.5 <= wall < 1.9 and 140 <= pulled < 190, (wall, pulled)
+        # At full speed the same window needs a whole second of audio: 200 blocks.
+        fast = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1", listen=False))
+        fast.start()
+        try:
+            for _ in range(199):
+                fast.fill(block)
+            assert fast.load_pct is None
+            fast.fill(block)
+            assert fast.load_pct is not None
+        finally:
+            fast.stop()
+    finally:
+        rx.stop()
+
+
+def test_a_paused_output_does_not_close_a_window_on_a_few_blocks() -> None:
+    """An app-owned output that pulled 0.1 s and then paused for 1.6 s: the window needs 0.25 s of audio
+    before wall time may close it (a few blocks say nothing about the load)."""
+    rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1", listen=False))
+    rx.start()
+    block = np.zeros((240, 2), dtype=np.float32)
+    try:
+        for _ in range(20):
+            rx.fill(block)
+        time.sleep(1.6)  # the pause being tested, not a wait for something
+        rx.fill(block)
+        assert rx.load_pct is None
+        for _ in range(30):  # 0.25 s of audio in all, the window older than 1.5 s: it closes
+            rx.fill(block)
+        assert rx.load_pct is not None
+    finally:
+        rx.stop()
 
 
 @pytest.mark.parametrize("shed", [True, False], ids=["shed", "no-shed"])
@@ -325,10 +394,14 @@ def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(
         r"receiver overloaded: mixing 3 senders takes \d+ % of real time \(limit 0\.01 %, --max-load\); "
         r"it carries about 0"
     )
+    reason = (
+        rf"ended this stream to keep its other 1 sender playing: it joined in a burst beyond what the "
+        rf"receiver can mix \({figures}\)"
+    )
     for exc in ended:
-        assert re.fullmatch(
-            rf"{target} refused the stream: {figures}: the newest senders were ended", str(exc)
-        ), str(exc)
+        assert re.fullmatch(rf"{target} {reason}", str(exc)), str(exc)
     assert len(lines) == 1 and re.fullmatch(
-        rf"tiality recv: warning: ended the 2 newest senders to keep up: {figures}", lines[0]
+        rf"tiality recv: warning: ended the 2 newest senders \([^,()]+, [^,()]+\) to keep the other 1 "
+        rf"playing: {figures}",
+        lines[0],
     ), lines

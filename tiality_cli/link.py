@@ -69,10 +69,9 @@ Outgoing = StreamInfo | ClockEstimate | Packet
 class StreamHandler(Protocol):
     """The receiver's side of one accepted stream; the transport calls it from that stream's thread.
 
-    ``evicted`` is set (to the reason) when the receiver ends the stream itself to keep up with the
-    others: the transport then ends the call with RESOURCE_EXHAUSTED and that reason."""
-
-    evicted: str | None
+    A handler may also have ``evicted``: set (to the reason) when the receiver ends the stream itself to
+    keep up with the others; the transport then ends the call with RESOURCE_EXHAUSTED and that reason
+    at the next message. (An application's own handler without it is never ended that way.)"""
 
     def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int) -> None: ...
 
@@ -136,8 +135,12 @@ class DirectLink:
         if not isinstance(first, StreamInfo):
             raise RejectedError(f"{self._peer} refused the stream: the first message must be the format")
         handler = self._accept(self._peer, first)
+        evicted: str | None = None
         try:
             for item in items:
+                evicted = getattr(handler, "evicted", None)
+                if evicted is not None:  # the receiver ended it to keep up with the others
+                    break
                 if type(item) is tuple:
                     handler.packet(*item)
                 elif isinstance(item, ClockEstimate):
@@ -146,6 +149,8 @@ class DirectLink:
                     break
         finally:
             totals = handler.close()
+        if evicted is not None:
+            raise RejectedError(f"{self._peer} {evicted}")
         return totals
 
     def close(self) -> None:

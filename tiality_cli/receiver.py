@@ -233,6 +233,7 @@ class Session:
     _done: threading.Event = field(default_factory=threading.Event)  # played out, or the receiver stopped
     # Why the receiver ended this stream to keep up with the others (the transport ends the call with it).
     evicted: str | None = None
+    closing: bool = False  # the sender has closed the stream (its buffered audio is playing out)
     _tap_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -281,6 +282,7 @@ class Session:
 
     def close(self) -> StreamTotals:
         """The sender closed (or vanished): play what arrived, then answer with the totals."""
+        self.closing = True
         self.playout.end()
         self.set_tap(None)
         # Answer once the buffered audio has been played, so the summary counts all of it.
@@ -429,6 +431,7 @@ class Receiver:
         self._mix_ns = 0  # of which in the per-stream loop (pull, gain, sum): what one more sender adds to
         self._load_samples = 0
         self._load_t0 = 0  # perf_counter_ns() of the window's first fill
+        self._load_start_ns = 0  # ... and the receiver's monotonic clock then
         self._load_streams = 0  # sessions x samples, for the mean number of streams over the window
         self._load: float | None = None  # the last window's load (1.0: all of real time)
         self._stream_load = 0.0  # the last window's per-stream part of it, per stream
@@ -740,6 +743,7 @@ class Receiver:
         self._busy_ns += time.perf_counter_ns() - t0
         if not self._load_samples:
             self._load_t0 = t0
+            self._load_start_ns = self.clock.monotonic_ns()
         self._load_samples += n
         self._load_streams += len(sessions) * n
         rate = self._out_rate
@@ -771,7 +775,8 @@ class Receiver:
                 self._shed()
             return
         self._over = 0
-        self._kept_up_ns = self.clock.monotonic_ns()
+        # Those that joined during this window were not measured over all of it: still new.
+        self._kept_up_ns = self._load_start_ns
         if self._overloaded:
             self._calm = self._calm + 1 if load < limit * LOAD_CLEAR else 0
             if self._calm >= LOAD_CALM:
@@ -781,32 +786,42 @@ class Receiver:
     def _shed(self) -> None:
         """Ends the newest senders that joined since the mixer last kept up, until it carries no more
         than its capacity (at least one stays): a burst of senders beyond capacity, admitted before the
-        load was known, would otherwise degrade every stream for good. Their calls end with the reason."""
+        load was known, would otherwise degrade every stream for good. Their calls end with the reason.
+        A stream whose sender has already closed it is left to finish."""
         cap = self.capacity
         if cap is None:
             return
+        sessions = self._sessions  # immutable: the lock is taken only when someone is ended
+        excess = len(sessions) - max(1, cap)
+        if excess <= 0:
+            return
+        new = [s for s in sessions if s.started_ns > self._kept_up_ns and not s.closing]
+        victims = new[len(new) - min(excess, len(new)) :]
+        if not victims:
+            return
+        kept = len(sessions) - len(victims)
+        text = self.overload_text()
+        reason = (
+            f"ended this stream to keep its other {kept} sender{'s' if kept != 1 else ''} playing: it "
+            f"joined in a burst beyond what the receiver can mix ({text})"
+        )
+        n = len(victims)
+        names = ", ".join(s.name.split()[0] if s.name else s.peer for s in victims[:3])
+        more = f" and {n - 3} more" if n > 3 else ""
         with self._lock:
-            sessions = self._sessions
-            excess = len(sessions) - max(1, cap)
-            new = [s for s in sessions if s.started_ns > self._kept_up_ns]
-            victims = new[len(new) - min(excess, len(new)) :] if excess > 0 else []
-            if not victims:
-                return
-            text = self.overload_text()
-            reason = f"{text}: the newest senders were ended"
             gone = set(map(id, victims))
-            self._sessions = tuple(s for s in sessions if id(s) not in gone)
+            self._sessions = tuple(s for s in self._sessions if id(s) not in gone)
             for s in victims:
                 s.evicted = reason
                 self.finished.append(s.stats)
                 self.streams_ended += 1
                 s._done.set()  # its close() answers at once: its buffered audio is not played
                 self._emit("stream_ended", s, detail=f"shed: {text}")
-            n = len(victims)
             self.streams_shed += n
             self._emit(
                 "shed",
-                detail=f"ended the {n} newest sender{'s' if n != 1 else ''} to keep up: {text}",
+                detail=f"ended the {n} newest sender{'s' if n != 1 else ''} ({names}{more}) to keep the "
+                f"other {kept} playing: {text}",
             )
             self._changed.notify_all()
         self._over = 0  # the next windows show the load without them

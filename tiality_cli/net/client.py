@@ -179,6 +179,8 @@ def map_rpc_error(err: grpc.RpcError, target: str) -> TialityError:
         return AuthError(f"{target} refused the stream: {details or 'authentication required'}")
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return AuthError(f"{target} refused the stream: {details or 'permission denied'}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("ended this stream"):
+        return RejectedError(f"{target} {details}")  # mid-stream: the receiver shed it to keep up
     if code in (
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -200,6 +200,7 @@ class _Servicer(_Service, pb_grpc.AudioStreamServicer):
         handler = self._open(context.peer(), first)
         if isinstance(handler, tuple):
             self._refuse(context, *handler)
+        evicted: str | None = None
         try:
             while True:
                 try:
@@ -208,15 +209,16 @@ class _Servicer(_Service, pb_grpc.AudioStreamServicer):
                     break
                 except Exception:  # the sender vanished mid-stream (cancelled, reset): play what arrived
                     break
-                _deliver(msg, handler)
-                if handler.evicted is not None:  # the receiver ended it to keep up with the others
+                evicted = getattr(handler, "evicted", None)
+                if evicted is not None:  # the receiver ended it to keep up with the others
                     break
+                _deliver(msg, handler)
         finally:
             with self._lock:
                 self._calls[context] = False  # the sender is done: let its answer go out
             totals = handler.close()
-        if handler.evicted is not None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, handler.evicted)
+        if evicted is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, evicted)
         return totals_to_pb(totals)
 
     def _cancel(self, call: Any) -> None:
@@ -305,10 +307,11 @@ class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
             if msg is eof:
                 break
             assert isinstance(msg, pb.StreamMessage)
-            _deliver(msg, handler)
-            if handler.evicted is not None:  # the receiver ended it to keep up with the others
-                ended = (grpc.StatusCode.RESOURCE_EXHAUSTED, handler.evicted)
+            evicted = getattr(handler, "evicted", None)
+            if evicted is not None:  # the receiver ended it to keep up with the others
+                ended = (grpc.StatusCode.RESOURCE_EXHAUSTED, evicted)
                 break
+            _deliver(msg, handler)
         with self._lock:
             self._calls[task] = False  # the sender is done: let its answer go out
         # close() waits for the stream's audio to play out: off the loop. When the receiver stops, it
