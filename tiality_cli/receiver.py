@@ -439,7 +439,7 @@ class Receiver:
         self._overloaded = False
         self._calm = 0  # windows in a row below the overload's end
         self._over = 0  # windows in a row above the limit
-        self._kept_up_ns = 0  # when a load window last ended within the limit (senders since then are new)
+        self._kept_up_ns = 0  # start of the last load window within the limit (senders since then are new)
         self._alloc(4096, 2)
         # The output timeline: mixer sample position -> monotonic time it was pulled (fitted from below).
         self._pos = 0
