@@ -260,6 +260,44 @@ def test_send_quiet_imports_neither_pydantic_nor_rich_nor_the_receiver(
     assert "packets_sent=10 " in proc.stdout  # 0.1 s of 10 ms frames
 
 
+@pytest.mark.parametrize(
+    ("args", "built", "code", "said"),
+    [
+        (["send", "--help"], ["send"], 0, "Usage: tiality send [OPTIONS]"),
+        (["-h"], ["config", "demo", "devices", "doctor", "loopback", "recv", "send"], 0, "Commands:"),
+        (["sned", "x"], ["config", "demo", "devices", "doctor", "loopback", "recv", "send"], 2,
+         "No such command 'sned'. Did you mean 'send'?"),
+    ],
+)  # fmt: skip
+def test_the_console_entry_builds_only_the_command_it_runs(
+    args: list[str], built: list[str], code: int, said: str
+) -> None:
+    """Typer builds every registered command before it parses (each from its signature and type hints,
+    about 20 ms of the sender's start-up CPU for the other six): main() registers only the one named
+    on the command line, and all of them for anything else, so the list and the suggestions are whole.
+    Counted in a real process through Typer's own builder."""
+    script = (
+        "import sys, typer.main\n"
+        "sys.argv[0] = 'tiality'\n"
+        "built = []\n"
+        "build = typer.main.get_command_from_info\n"
+        "def counting(command_info, **kw):\n"
+        "    command = build(command_info, **kw)\n"
+        "    built.append(command.name)\n"
+        "    return command\n"
+        "typer.main.get_command_from_info = counting\n"
+        "from tiality_cli.cli.app import app, main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    print('EXIT', exc.code)\n"
+        "print('BUILT', ','.join(sorted(built)), 'KEPT', len(app.registered_commands))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=60
+    )
+    assert f"EXIT {code}" in proc.stdout, proc.stderr
+    assert f"BUILT {','.join(built)} KEPT 7" in proc.stdout
+    assert said in " ".join((proc.stdout + proc.stderr).split()).replace("│", "").replace("  ", " ")
+
+
 def test_the_entry_point_keeps_numpy_to_one_blas_thread() -> None:
     """numpy's OpenBLAS starts a thread per extra core at import, each spinning for work tiality never
     gives it (0.1 s of the sender's start-up CPU here); the entry point asks for one, and an explicit

@@ -19,9 +19,9 @@ def prepare_process() -> None:
 
 def main() -> None:
     prepare_process()
-    from tiality_cli.cli.app import app
+    from tiality_cli.cli.app import main as run
 
-    app()
+    run()
 
 
 if __name__ == "__main__":

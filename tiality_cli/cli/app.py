@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from typing import Annotated
 
 import typer
+import typer.main
 from typer import _click as click
 from typer.core import TyperGroup
+from typer.models import CommandInfo
 
 from tiality_cli.cli.common import (
     TlsCaOption,
@@ -488,5 +491,36 @@ def _register_device_commands() -> None:
 _register_device_commands()
 
 
+_EVERY: list[CommandInfo] = []  # every registered command, while main() runs with fewer
+
+
+def _command_name(info: CommandInfo) -> str:
+    assert info.callback is not None
+    return info.name or info.callback.__name__.replace("_", "-")
+
+
+def every_command() -> dict[str, click.Command]:
+    """All the app's commands, built, even while main() runs with one: what config files are checked
+    against and what ``tiality config`` shows. Built only when a file exists or ``config`` runs."""
+    registered = app.registered_commands
+    app.registered_commands = _EVERY or registered
+    try:
+        group = typer.main.get_command(app)
+    finally:
+        app.registered_commands = registered
+    return dict(getattr(group, "commands", {}))
+
+
 def main() -> None:
-    app()
+    """The console entry: builds only the command being run. Typer builds every registered command
+    first (it reads each function's signature and type hints: about 20 ms of the Pi sender's
+    start-up CPU for the six it does not run). Anything else (``--help``, a mistyped name, shell
+    completion of command names) gets them all, so the list and the suggestions are whole."""
+    name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    _EVERY[:] = app.registered_commands
+    app.registered_commands = [c for c in _EVERY if _command_name(c) == name] or _EVERY
+    try:
+        app()
+    finally:
+        app.registered_commands = list(_EVERY)
+        _EVERY.clear()

@@ -10,7 +10,6 @@ alsaaudio are imported inside the commands, so ``tiality --help`` loads none of 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Annotated
 
@@ -62,6 +61,8 @@ def devices(
 
         listing = list_devices()
         if json_:
+            import json
+
             print(json.dumps(listing.as_dict(), indent=2))
             return
         from rich.console import Console
@@ -217,6 +218,8 @@ def loopback(
         if json_:
             out = result.as_dict()
             out["input_check"] = {"status": verdict.status, "detail": verdict.detail, "fix": verdict.fix}
+            import json
+
             print(json.dumps(out, indent=2))
         else:
             from rich.console import Console

@@ -7,7 +7,6 @@ stages, or with ``--json`` one JSON document. Exit status: 0 all passed, 1 a war
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -181,6 +180,8 @@ def doctor(
 
     report = guarded(body)
     if json_:
+        import json
+
         print(json.dumps(report.as_dict(), indent=2), flush=True)
     else:
         from rich.console import Console

@@ -11,7 +11,6 @@ which its parser consults after the command line and the environment, before the
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -190,10 +189,10 @@ def convert(param: Any, value: Any, where: str, ctx: Any) -> Any:
         raise ConfigError(f"{where} = {value!r}: {message}") from None
 
 
-def known_sections(group: Any) -> dict[str, set[str]]:
+def known_sections(commands: Mapping[str, Any]) -> dict[str, set[str]]:
     """Each config section and the keys its command accepts, from the app's commands."""
     out: dict[str, set[str]] = {}
-    for cmd in getattr(group, "commands", {}).values():
+    for cmd in commands.values():
         if isinstance(cmd, ConfiguredCommand) and cmd.section is not None:
             out.setdefault(cmd.section, set()).update(cmd.config_keys())
     return out
@@ -204,10 +203,12 @@ def checked_files(parent: Any) -> list[ConfigFile]:
     from tiality_cli.settings import check_keys, load_files
 
     files = load_files(os.environ)
-    group = parent.command if parent is not None else None
-    known = known_sections(group)
-    if known:
-        check_keys(files, known)
+    if files and parent is not None:
+        from tiality_cli.cli.app import every_command  # the app's commands: main() built only one
+
+        known = known_sections(every_command())
+        if known:
+            check_keys(files, known)
     return files
 
 
@@ -297,13 +298,15 @@ def config(
         from tiality_cli.settings import config_paths
 
         files = checked_files(ctx.parent)
-        group = ctx.parent.command if ctx.parent is not None else None
+        from tiality_cli.cli.app import every_command  # main() built only this one
+
+        every = every_command() if ctx.parent is not None else {}
         wanted = ("send", "recv") if command is None else (command,)
         if command not in (None, "send", "recv"):
             raise ConfigError(f"{command!r}: tiality config shows send or recv")
         if command is None and ctx.args:
             raise ConfigError(f"{' '.join(ctx.args)}: name the command first (tiality config send ...)")
-        commands = {name: cmd for name, cmd in getattr(group, "commands", {}).items() if name in wanted}
+        commands = {n: c for n, c in every.items() if n in wanted and isinstance(c, ConfiguredCommand)}
         doc: dict[str, Any] = {
             "files": [
                 {"kind": kind, "path": str(path), "exists": path.is_file()}
@@ -315,6 +318,8 @@ def config(
             typed = typed_values(cmd, name, ctx.args, ctx.parent)
             doc[name] = effective(cmd, files, os.environ, scratch, typed)
         if json_:
+            import json
+
             print(json.dumps(doc, indent=2, default=str))
             return
         from rich.console import Console

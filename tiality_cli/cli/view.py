@@ -20,7 +20,6 @@ Table: a Table of this size costs several times more CPU at 4 refreshes a second
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -774,4 +773,6 @@ def send_summary_line(fields: Mapping[str, Any]) -> str:
 def json_line(fields: Mapping[str, Any], event: str = "stats", **extra: Any) -> str:
     """One JSON object: ``event`` first, then ``extra``, then ``fields`` (names: docs/stats.md)."""
     d = {"event": event, **extra, **fields}
+    import json  # here: send -q prints no JSON, and its start-up skips the import
+
     return json.dumps(d, separators=(",", ":"), allow_nan=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +18,8 @@ TONE_TABLE_MAX_S = 1.0  # a tone whose whole periods fill at most this much audi
 def whole_period_samples(freq: float, rate: int, limit: int) -> int | None:
     """The fewest samples that hold whole periods of ``freq`` at ``rate`` (440 Hz at 48 kHz: 1200, 11
     periods), or None when that exceeds ``limit`` (or ``freq`` is no simple fraction)."""
+    from fractions import Fraction  # here: a capture device's start-up (the Pi's) needs none of it
+
     f = Fraction(freq).limit_denominator(1000)
     if float(f) != freq:
         return None
