@@ -10,13 +10,13 @@ import os
 import shutil
 import sys
 import threading
-from typing import Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import typer.main
 from typer import _click as click
 from typer.core import TyperGroup
-from typer.models import CommandInfo
 
 from tiality_cli.cli.common import (
     TlsCaOption,
@@ -42,6 +42,9 @@ from tiality_cli.cli.settings import RecvCommand, SendCommand, convert_plainly
 from tiality_cli.config import DEFAULT_APPLICATION, DEFAULT_PORT
 from tiality_cli.errors import ConfigError
 
+if TYPE_CHECKING:
+    from typer.models import CommandInfo
+
 # gRPC's C core logs its own copy of errors we already report in one line; keep stderr to that line.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
@@ -60,6 +63,21 @@ class _RootGroup(TyperGroup):
             convert_plainly(param)
         rest: list[str] = super().parse_args(ctx, args)
         return rest
+
+    def commands_where(self, keep: Callable[[CommandInfo], bool]) -> dict[str, click.Command]:
+        """The app's commands that ``keep`` selects, built. main() builds only the command it runs; the
+        config files are checked against the options of every command that reads them, so those are
+        built here when a file exists (once: they join this group's commands)."""
+        names = {_command_name(c) for c in _ALL if keep(c)}
+        missing = [c for c in _ALL if _command_name(c) in names and _command_name(c) not in self.commands]
+        if missing:
+            registered, app.registered_commands = app.registered_commands, missing
+            try:
+                built = typer.main.get_command(app)
+            finally:
+                app.registered_commands = registered
+            self.commands.update(getattr(built, "commands", {}))
+        return {name: cmd for name, cmd in self.commands.items() if name in names}
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # As wide as the terminal (up to 120 columns, as Rich would be), so the commands' summaries fit.
@@ -491,36 +509,24 @@ def _register_device_commands() -> None:
 _register_device_commands()
 
 
-_EVERY: list[CommandInfo] = []  # every registered command, while main() runs with fewer
+# Every command, as registered at import (main() registers fewer while it runs).
+_ALL: tuple[CommandInfo, ...] = tuple(app.registered_commands)
 
 
 def _command_name(info: CommandInfo) -> str:
     assert info.callback is not None
-    return info.name or info.callback.__name__.replace("_", "-")
-
-
-def every_command() -> dict[str, click.Command]:
-    """All the app's commands, built, even while main() runs with one: what config files are checked
-    against and what ``tiality config`` shows. Built only when a file exists or ``config`` runs."""
-    registered = app.registered_commands
-    app.registered_commands = _EVERY or registered
-    try:
-        group = typer.main.get_command(app)
-    finally:
-        app.registered_commands = registered
-    return dict(getattr(group, "commands", {}))
+    return info.name or typer.main.get_command_name(info.callback.__name__)
 
 
 def main() -> None:
     """The console entry: builds only the command being run. Typer builds every registered command
-    first (it reads each function's signature and type hints: about 20 ms of the Pi sender's
-    start-up CPU for the six it does not run). Anything else (``--help``, a mistyped name, shell
-    completion of command names) gets them all, so the list and the suggestions are whole."""
-    name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    _EVERY[:] = app.registered_commands
-    app.registered_commands = [c for c in _EVERY if _command_name(c) == name] or _EVERY
+    before it parses (it reads each function's signature and type hints: about 23 ms of the sender's
+    start-up CPU here for the six it does not run). Anything else in first place (``--help``,
+    ``--version``, a mistyped name, shell completion) gets them all, so lists and suggestions are whole."""
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    registered = app.registered_commands
+    app.registered_commands = [c for c in _ALL if _command_name(c) == name] or list(_ALL)
     try:
         app()
     finally:
-        app.registered_commands = list(_EVERY)
-        _EVERY.clear()
+        app.registered_commands = registered

@@ -204,12 +204,23 @@ def checked_files(parent: Any) -> list[ConfigFile]:
 
     files = load_files(os.environ)
     if files and parent is not None:
-        from tiality_cli.cli.app import every_command  # the app's commands: main() built only one
-
-        known = known_sections(every_command())
+        known = known_sections(configured_commands(parent))
         if known:
             check_keys(files, known)
     return files
+
+
+def _reads_files(info: Any) -> bool:
+    cls = getattr(info, "cls", None)
+    return isinstance(cls, type) and issubclass(cls, ConfiguredCommand) and cls.section is not None
+
+
+def configured_commands(parent: Any) -> Mapping[str, Any]:
+    """The app's commands that read a config section (send, recv), built: the console entry builds
+    only the command it runs, and the root group builds these on demand (``commands_where``)."""
+    root = parent.find_root().command
+    pick = getattr(root, "commands_where", None)
+    return pick(_reads_files) if pick is not None else getattr(root, "commands", {})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,9 +309,7 @@ def config(
         from tiality_cli.settings import config_paths
 
         files = checked_files(ctx.parent)
-        from tiality_cli.cli.app import every_command  # main() built only this one
-
-        every = every_command() if ctx.parent is not None else {}
+        every = configured_commands(ctx.parent) if ctx.parent is not None else {}
         wanted = ("send", "recv") if command is None else (command,)
         if command not in (None, "send", "recv"):
             raise ConfigError(f"{command!r}: tiality config shows send or recv")
