@@ -274,7 +274,7 @@ UNREACHABLE = ["send", "127.0.0.1:9", "-i", "tone://440", "--once"]
         (["sned", "x"], None, ALL_COMMANDS, 2, "No such command 'sned'. Did you mean 'send'?"),
         # A config file is checked against the options of both commands that read one, each built once.
         (UNREACHABLE, "[send]\nbitrate = 32\n[recv]\nport = 50070\n", "recv,send", 4, "connection refused"),
-        (["config", "send"], "[recv]\nport = 50070\n", "config,recv,send", 0, "port 50070 system file"),
+        (["config", "recv"], "[recv]\nport = 50070\n", "config,recv,send", 0, "--port 50070 system file"),
         (UNREACHABLE, "[recv]\nportt = 1\n", "recv,send", 2, "[recv] unknown key 'portt' (did you mean"),
     ],
 )  # fmt: skip
