@@ -19,6 +19,10 @@ scored against the input:
     segSNR   mean over 20 ms segments at 48 kHz of the per-segment SNR clamped to [-10, 35] dB, segments
              whose reference is below -50 dBFS (mean square) left out; channel mean as for PESQ.
 
+It also measures, for the default stream (stereo, 20 ms, 64 kbit/s), each application at complexity 0,
+3, 5, 8 and 10: the same scores, and the encoder's CPU per frame (``time.process_time`` over the speech's
+frames, median of 5 passes), so that a Pi short of CPU can trade complexity for quality by measurement.
+
 From the table it derives the simplest "auto" application rule that stays within 0.1 PESQ of the best
 application in every row measured, and writes the whole of docs/codec-quality.md (that file is generated:
 edit this script, not it). ``--no-write`` only prints.
@@ -31,6 +35,7 @@ import datetime
 import itertools
 import math
 import platform
+import statistics
 import sys
 import time
 import wave
@@ -70,6 +75,9 @@ SEG_MIN_DB, SEG_MAX_DB = -10.0, 35.0
 SILENCE_RMS_DBFS = -50.0
 MAX_LAG_CHECK = RATE // 100  # residual misalignment searched within +-10 ms
 BITRATE_DEVIATION = 0.15  # report configurations whose actual bitrate is this far off the target
+COMPLEXITIES = (0, 3, 5, 8, 10)
+DEFAULT_STREAM = (2, 20, 64)  # channels, frame ms, kbit/s: what send uses unless told otherwise
+CPU_PASSES = 5
 
 
 # -- signals -----------------------------------------------------------------------------------------
@@ -146,11 +154,18 @@ class Coded:
     mode: str  # how Opus coded the packets (from their TOC bytes), e.g. "hybrid" or "CELT 85%, mono"
 
 
-def round_trip(pcm: I16, application: str, bitrate_kbps: int, frame_ms: int) -> Coded:
+def _codec_config(application: str, bitrate_kbps: int, complexity: int | None) -> CodecConfig:
+    config = replace(CodecConfig(), application=application, bitrate=bitrate_kbps * 1000)
+    return config if complexity is None else replace(config, complexity=complexity)
+
+
+def round_trip(
+    pcm: I16, application: str, bitrate_kbps: int, frame_ms: int, complexity: int | None = None
+) -> Coded:
     """Encodes and decodes all of ``pcm`` frame by frame; the output is shifted back by the lookahead."""
     channels = pcm.shape[1]
     fmt = AudioFormat(sample_rate=RATE, channels=channels, frame_us=frame_ms * 1000)
-    config = replace(CodecConfig(), application=application, bitrate=bitrate_kbps * 1000)
+    config = _codec_config(application, bitrate_kbps, complexity)
     encoder = OpusEncoder(fmt, config)
     decoder = OpusDecoder(RATE, channels, fmt.frame_samples)
     try:
@@ -180,6 +195,26 @@ def round_trip(pcm: I16, application: str, bitrate_kbps: int, frame_ms: int) -> 
     if count < n_frames:
         mode += f" {100 * count // n_frames}%"
     return Coded(out[lookahead : lookahead + n].copy(), lookahead, kbps, mode)
+
+
+def encode_cpu_us(pcm: I16, application: str, bitrate_kbps: int, frame_ms: int, complexity: int) -> float:
+    """The encoder's CPU per frame over all of ``pcm`` (the frame's copy into its input included), the
+    median of CPU_PASSES passes with one encoder, as a sender runs it."""
+    fmt = AudioFormat(sample_rate=RATE, channels=pcm.shape[1], frame_us=frame_ms * 1000)
+    encoder = OpusEncoder(fmt, _codec_config(application, bitrate_kbps, complexity))
+    fs = fmt.frame_samples
+    frames = [pcm[i * fs : (i + 1) * fs] for i in range(pcm.shape[0] // fs)]
+    passes = []
+    try:
+        for _ in range(CPU_PASSES):
+            t = time.process_time()
+            for f in frames:
+                encoder.input[:] = f
+                encoder.encode()
+            passes.append((time.process_time() - t) / len(frames) * 1e6)
+    finally:
+        encoder.close()
+    return statistics.median(passes)
 
 
 def packet_mode(toc: int, channels: int) -> str:
@@ -260,6 +295,59 @@ def measure(speech: I16) -> tuple[list[Row], dict[str, int], float]:
                 file=sys.stderr,
             )
     return rows, lookaheads, ceiling
+
+
+@dataclass(frozen=True, slots=True)
+class Effort:
+    application: str
+    complexity: int
+    score: Score
+    encode_us: float
+
+
+def measure_complexity(speech: I16) -> list[Effort]:
+    """Each application at each of COMPLEXITIES on the default stream: scores and encoder CPU."""
+    channels, frame_ms, kbps = DEFAULT_STREAM
+    pcm = with_channels(speech, channels)
+    ref = channel_mean(pcm)
+    ref16 = to_pesq_rate(ref)
+    out: list[Effort] = []
+    for app, complexity in itertools.product(APPLICATIONS, COMPLEXITIES):
+        coded = round_trip(pcm, app, kbps, frame_ms, complexity)
+        deg = channel_mean(coded.decoded)
+        score = Score(
+            pesq=pesq_wb(ref16, to_pesq_rate(deg)),
+            seg_snr=segmental_snr_db(ref, deg),
+            lag=residual_lag(ref, deg, MAX_LAG_CHECK),
+            actual_kbps=coded.actual_kbps,
+            mode=coded.mode,
+        )
+        out.append(Effort(app, complexity, score, encode_cpu_us(pcm, app, kbps, frame_ms, complexity)))
+        print(
+            f"complexity {complexity:2d} {SHORT[app]:8s} PESQ {score.pesq:.2f}, {score.seg_snr:5.1f} dB, "
+            f"{out[-1].encode_us:5.0f} us/frame, {score.mode}",
+            file=sys.stderr,
+        )
+    return out
+
+
+def complexity_table(efforts: Sequence[Effort]) -> str:
+    default = CodecConfig()
+    base = next(
+        e for e in efforts if e.application == default.application and e.complexity == default.complexity
+    )
+    lines = [
+        "| application | complexity | PESQ-WB | segSNR | coded as | encode, µs per frame | "
+        "against the default |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for e in efforts:
+        mark = " (the default)" if e is base else ""
+        lines.append(
+            f"| {e.application}{mark} | {e.complexity} | {e.score.pesq:.2f} | {e.score.seg_snr:.1f} dB | "
+            f"{e.score.mode} | {e.encode_us:.0f} | {e.encode_us / base.encode_us:.2f} x |"
+        )
+    return "\n".join(lines)
 
 
 # -- the auto rule -----------------------------------------------------------------------------------
@@ -418,9 +506,11 @@ def document(
     verdicts: Sequence[Verdict],
     speech_s: float,
     elapsed_s: float,
+    efforts: Sequence[Effort],
 ) -> str:
     version = opus_version()
     defaults = CodecConfig()
+    ch, frame, kbps = DEFAULT_STREAM
     notes = anomalies(rows)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lag_note = (
@@ -482,6 +572,17 @@ every packet; "mono" when a stereo stream was coded as mono).
 
 {lag_note}
 
+## Complexity: quality against the encoder's CPU
+
+The default stream ({ch} channels, {frame} ms, {kbps} kbit/s), each application at
+complexity {", ".join(map(str, COMPLEXITIES))} (`send --complexity`), scored as above. The encoder's CPU per
+frame is `time.process_time` over the speech's frames with one encoder, as a sender runs it, the median
+of {CPU_PASSES} passes, on the machine named above (a shared one: about ±20 %). A Pi's core is several times
+slower, so its absolute figures differ; the ratios in the last column are what to compare, and this
+script run on the Pi measures its own.
+
+{complexity_table(efforts)}
+
 ## Reading the numbers
 
 - PESQ-WB judges the 50-7000 Hz band only (it runs at 16 kHz): what Opus codes above 8 kHz, where the
@@ -491,6 +592,10 @@ every packet; "mono" when a stereo stream was coded as mono).
 - restricted-lowdelay is CELT only. audio and voip use SILK (speech-only, up to wideband) or hybrid
   (SILK below 8 kHz, CELT above) at low bitrates and switch to CELT higher up; where they do, all
   three modes code the same way and score close together.
+- Complexity: on the default stream, audio and restricted-lowdelay code CELT at every complexity, and
+  their encoder's CPU falls with it (to about 0.4 x the default's at 0) while PESQ-WB falls by up to
+  about half a point, not in order on this short sample. voip below complexity 8 codes the stream as
+  hybrid (SILK below 8 kHz), which PESQ-WB, blind above 8 kHz, scores higher, at more CPU.
 - In voip mode libopus high-passes the input (a second-order filter, cutoff 60 Hz and up); the other
   modes only remove DC. A waveform measure like segSNR counts that filter's phase shift as noise, so
   voip's segSNR stays low at every bitrate while its PESQ does not.
@@ -514,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, lookaheads, ceiling = measure(speech)
     elapsed = time.monotonic() - t0
     chosen, verdicts = choose_rule(rows, lookaheads)
+    efforts = measure_complexity(speech)
 
     print(f"\nReference against itself: PESQ-WB {ceiling:.2f}\n")
     print(lookahead_table(lookaheads) + "\n")
@@ -522,9 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(evidence(chosen, verdicts, rows))
     for note in anomalies(rows):
         print(f"Note: {note}")
+    print("\n" + complexity_table(efforts))
     print(f"\n{elapsed:.0f} s")
     if not args.no_write:
-        DOC.write_text(document(rows, lookaheads, ceiling, chosen, verdicts, speech_s, elapsed))
+        DOC.write_text(document(rows, lookaheads, ceiling, chosen, verdicts, speech_s, elapsed, efforts))
         print(f"wrote {DOC.relative_to(ROOT)}")
     return 0
 

@@ -13,7 +13,9 @@ sender        ``tiality send 127.0.0.1:P -i tone://440 -q`` against ``tiality re
               stream (``--bare``, below): the same packets at the same rate, nothing else; and the
               same bare client encoding each packet first (``--bare --encode``: the sender's Opus
               encoder and settings on the same tone), the floor for any sender that encodes, so that
-              sender / (bare + encode) is what tiality itself adds.
+              sender / (bare + encode) is what tiality itself adds; and the sender again with a
+              lighter encode (LIGHT_CODEC: ``--application audio --complexity 0``, what a Pi short of
+              CPU can choose by docs/codec-quality.md's complexity table).
 start-up      the CPU of ``tiality send ... --seconds 0.02 --once -q`` from exec to its first packet,
               read from /proc by a minimal receiver in this process as that packet arrives, and from
               exec to exit (os.wait4's rusage); against ``python -c "import grpc"``.
@@ -78,6 +80,9 @@ BEGIN, END = "<!-- cpu.py: begin -->", "<!-- cpu.py: end -->"
 FRAME_NS = 20_000_000
 PACKETS_PER_S = 1_000_000_000 // FRAME_NS
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+# The cheapest encoder setting of docs/codec-quality.md's complexity table at the best PESQ among the
+# cheap ones: about 0.4 x the default's encode CPU, for about 0.3 PESQ-WB less on the test speech.
+LIGHT_CODEC = ("--application", "audio", "--complexity", "0")
 WAIT_S = 30.0  # ceiling for any one wait on a child (a loaded 2-core machine starts Python slowly)
 
 # The issue's targets.
@@ -561,6 +566,7 @@ class SenderRun:
     sender: float  # fractions of a core over the steady window
     bare: float
     bare_encode: float  # the bare client, encoding each packet first
+    sender_light: float  # the sender with LIGHT_CODEC (a Pi short of CPU: docs/codec-quality.md)
     recv_idle: float
     recv_sender: float  # the receiver, playing the sender's stream
     recv_bare: float
@@ -609,7 +615,9 @@ def sender_vs_bare(plan: Plan) -> SenderRun:
             "--bare", target, "--encode", "--seconds", str(plan.warmup_s + plan.window_s + WAIT_S)
         )
         be, _ = _stream_window(recv, bare_enc, "bare client + encode", plan)
-    return SenderRun(load, s, b, be, idle, rs, rb)
+        light = tiality("send", target, "-i", "tone://440", "-q", "--once", *LIGHT_CODEC)
+        sl, _ = _stream_window(recv, light, "tiality send, light codec", plan)
+    return SenderRun(load, s, b, be, sl, idle, rs, rb)
 
 
 @dataclass(frozen=True, slots=True)
@@ -930,6 +938,9 @@ def summary_table(res: Results) -> list[str]:
         Figure("(bare + encode) / bare: the encode's share", [s.bare_encode / s.bare for s in ss], ".2f",
                "x", sl),
         Figure("sender / (bare + encode): what tiality adds", [s.own_ratio for s in ss], ".2f", "x", sl),
+        Figure(f"`tiality send` with `{' '.join(LIGHT_CODEC)}` / bare gRPC stream (a lighter encode)",
+               [s.sender_light / s.bare for s in ss], ".2f", "x", sl,
+               extra=per_packet([s.sender_light * 100 for s in ss])),
         Figure(f"sender CPU, exec to its first packet's arrival (`--seconds 0.02 --once -q`), median of "
                f"{START_SAMPLES} starts", [s.first_packet_s for s in st], ".3f", "s", [s.load for s in st],
                TARGET_START_CPU_S, f"<= {TARGET_START_CPU_S:g} s"),
