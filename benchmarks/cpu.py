@@ -108,6 +108,7 @@ class Plan:
     streams: tuple[int, ...] = (1, 8, 16, 32, 64, 128)
     help_runs: int = 5
     shed: bool = False  # fan-in with recv's default overload policy instead of keeping every stream
+    resampler: str = "sinc_fastest"  # fan-in: recv --resampler (the default unless --resampler)
 
     @staticmethod
     def quick() -> Plan:
@@ -280,13 +281,15 @@ class Proc:
         self.stop()
 
 
-def start_receiver(max_senders: int = 8, shed: bool = True) -> tuple[Proc, int]:
+def start_receiver(
+    max_senders: int = 8, shed: bool = True, resampler: str = "sinc_fastest"
+) -> tuple[Proc, int]:
     """``tiality recv --port 0 -o null:// --json``; returns it and the port from its stderr line."""
     recv = Proc(
         "tiality recv",
         tiality(
             "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json",
-            "--max-senders", str(max_senders), "--shed" if shed else "--no-shed",
+            "--max-senders", str(max_senders), "--shed" if shed else "--no-shed", "--resampler", resampler,
         ),
     )  # fmt: skip
     try:
@@ -759,7 +762,7 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
     load = load1()
     # The targets are about carrying every stream: by default recv would end a burst's newest senders
     # beyond its capacity (--shed measures that instead).
-    recv, port = start_receiver(streams, shed=plan.shed)
+    recv, port = start_receiver(streams, shed=plan.shed, resampler=plan.resampler)
     with recv:
         with warmed_load(port, streams, plan) as (gen, done):
             t0, threads0 = time.monotonic(), thread_cpu(recv.pid)
@@ -1069,7 +1072,7 @@ def report(res: Results, argv: list[str], started: datetime.datetime) -> list[st
         *summary_table(res),
         "",
         "Fan-in: one load generator process (grpc.aio, one connection per stream) into `tiality recv -o "
-        f"null:// --max-senders N --json {'--shed' if p.shed else '--no-shed'}`"
+        f"null:// --max-senders N --json {'--shed' if p.shed else '--no-shed'} --resampler {p.resampler}`"
         + (
             ""
             if p.shed
@@ -1121,6 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loadgen", metavar="HOST:PORT", help="only run the load generator (--streams N)")
     ap.add_argument("--bare-recv", action="store_true", help="only run the bare receiver (until SIGINT)")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long --bare or --loadgen streams")
+    ap.add_argument("--resampler", default="sinc_fastest",
+                    help="fan-in into recv --resampler NAME (e.g. linear), not its default")  # fmt: skip
     ap.add_argument("--shed", action="store_true",
                     help="fan-in into recv's default overload policy (it ends a burst's newest senders "
                          "beyond its capacity) instead of --no-shed")  # fmt: skip
@@ -1146,6 +1151,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.write:
             ap.error("--write records the scale with every stream kept: not with --shed")
         plan = dataclasses.replace(plan, shed=True)
+    if args.resampler != "sinc_fastest":
+        if args.write:
+            ap.error("--write records the scale at recv's defaults: not with --resampler")
+        plan = dataclasses.replace(plan, resampler=args.resampler)
     started = datetime.datetime.now().astimezone()
     notes = machine_notes(os.getloadavg())
 

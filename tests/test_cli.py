@@ -108,6 +108,13 @@ def test_busy_port_is_one_line_and_exit_5() -> None:
     assert f"port {port} is already in use" in one_error_line(proc)
 
 
+def test_an_unknown_resampler_is_one_line_and_exit_2() -> None:
+    proc = run("recv", "--port", str(free_port()), "--bind", "127.0.0.1", "-o", "null://", "--resampler=zoh")
+    assert proc.returncode == 2
+    known = "sinc_fastest, linear, sinc_medium, sinc_best"
+    assert one_error_line(proc) == f"tiality: --resampler zoh: one of {known}"
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

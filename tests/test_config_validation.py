@@ -25,6 +25,10 @@ PEM = b"-----BEGIN CERTIFICATE-----\n..."
         ),
         (ReceiverConfig(port=70_000), "--port 70000: out of range (expected 1-65535)"),
         (ReceiverConfig(playout=PlayoutConfig(max_latency_ms=0)), "--max-latency 0: must be positive"),
+        (
+            ReceiverConfig(playout=PlayoutConfig(resampler="zero_order_hold")),
+            "--resampler zero_order_hold: one of sinc_fastest, linear, sinc_medium, sinc_best",
+        ),
         (ReceiverConfig(record="x.mp3"), "--record x.mp3"),
         (ReceiverConfig(max_load_pct=0), "--max-load 0: must be above 0 and at most 100 (%)"),
         (ReceiverConfig(max_load_pct=120), "--max-load 120: must be above 0 and at most 100 (%)"),

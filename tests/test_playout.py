@@ -933,13 +933,15 @@ def test_sender_clock_drift_over_an_hour(ppm: float) -> None:
 
 
 @pytest.mark.slow
-def test_sender_300_ppm_fast_for_ten_minutes() -> None:
+@pytest.mark.parametrize("resampler", ["sinc_fastest", "linear"])
+def test_sender_300_ppm_fast_for_ten_minutes(resampler: str) -> None:
     """The field default (48 kHz stereo, 20 ms): after the first second no frame is concealed and B
     stays within 10 ms of its target; in fact within 3 ms (the dead band, enforced from outside;
-    measured: 1.1 ms, and the drift estimate within 0.7 ppm after a minute)."""
+    measured: 1.1 ms, and the drift estimate within 0.7 ppm after a minute). The same with the cheap
+    converter (``recv --resampler linear``): the loop does not depend on the filter."""
     sender = Sender(ppm=300.0)
     frames = range(round(600 * S * (1 + 300e-6) / STEREO_48K.frame_ns))
-    rx = Receiver(config=PlayoutConfig(), record=False, wake_ms=1.0)
+    rx = Receiver(config=PlayoutConfig(resampler=resampler), record=False, wake_ms=1.0)
     rx.send(stream(sender, frames, Network(jitter_ms=4.0))).run(1.0)
     st = rx.playout.stats
     concealed_at_1s = st.concealed
@@ -953,11 +955,12 @@ def test_sender_300_ppm_fast_for_ten_minutes() -> None:
 # ---- the resampler's bypass (issue 11) ---------------------------------------------------------------
 
 
-def test_resampler_is_bypassed_at_ratio_one_and_engages_seamlessly() -> None:
+@pytest.mark.parametrize("resampler", ["sinc_fastest", "linear"])
+def test_resampler_is_bypassed_at_ratio_one_and_engages_seamlessly(resampler: str) -> None:
     """At ratio 1 the decoded samples go out exact (no converter: it would cost twice the decode); the
     first other ratio engages the converter, primed with what was written, so a continuous 7 kHz sine
     stays continuous across the switch: its largest second difference is the ideal sine's."""
-    pb = StreamPlayout(STEREO_48K, STEREO_48K, PlayoutConfig(), ManualClock(start_ns=T0))
+    pb = StreamPlayout(STEREO_48K, STEREO_48K, PlayoutConfig(resampler=resampler), ManualClock(start_ns=T0))
     n = STEREO_48K.frame_samples
     t = np.arange(12 * n) / 48_000
     sine = (0.5 * np.sin(2 * np.pi * 7000 * t)).astype(np.float32)

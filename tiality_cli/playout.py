@@ -112,6 +112,10 @@ class PlayoutConfig:
     resampler: str = "sinc_fastest"  # libsamplerate converter used for drift compensation
 
     def validate(self) -> PlayoutConfig:
+        from tiality_cli.resample import DRIFT_CONVERTERS
+
+        if self.resampler not in DRIFT_CONVERTERS:
+            raise ConfigError(f"--resampler {self.resampler}: one of {', '.join(DRIFT_CONVERTERS)}")
         if self.max_latency_ms <= 0:
             raise ConfigError(f"--max-latency {self.max_latency_ms:g}: must be positive")
         if self.latency_ms is not None and not 0 <= self.latency_ms <= self.max_latency_ms:

@@ -18,6 +18,8 @@ import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
 CONVERTERS = {"sinc_best": 0, "sinc_medium": 1, "sinc_fastest": 2, "zero_order_hold": 3, "linear": 4}
+# What drift compensation may use: zero_order_hold drops or repeats whole samples (a click on highs at each).
+DRIFT_CONVERTERS = ("sinc_fastest", "linear", "sinc_medium", "sinc_best")
 
 
 class _SrcData(ctypes.Structure):
