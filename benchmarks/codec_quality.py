@@ -258,6 +258,18 @@ class Row:
         return [a for a in APPLICATIONS if round(self.scores[a].pesq, 2) == top]
 
 
+def score(ref: F64, ref16: F64, coded: Coded) -> Score:
+    """``coded`` against the reference (``ref`` at 48 kHz, ``ref16`` at PESQ's 16 kHz)."""
+    deg = channel_mean(coded.decoded)
+    return Score(
+        pesq=pesq_wb(ref16, to_pesq_rate(deg)),
+        seg_snr=segmental_snr_db(ref, deg),
+        lag=residual_lag(ref, deg, MAX_LAG_CHECK),
+        actual_kbps=coded.actual_kbps,
+        mode=coded.mode,
+    )
+
+
 def measure(speech: I16) -> tuple[list[Row], dict[str, int], float]:
     """Every combination; also the lookahead per application and the PESQ of the reference against itself."""
     rows: list[Row] = []
@@ -278,14 +290,7 @@ def measure(speech: I16) -> tuple[list[Row], dict[str, int], float]:
                 coded = round_trip(pcm, app, kbps, frame_ms)
                 if lookaheads.setdefault(app, coded.lookahead) != coded.lookahead:
                     raise RuntimeError(f"{app}: lookahead {coded.lookahead} != {lookaheads[app]} samples")
-                deg = channel_mean(coded.decoded)
-                scores[app] = Score(
-                    pesq=pesq_wb(ref16, to_pesq_rate(deg)),
-                    seg_snr=segmental_snr_db(ref, deg),
-                    lag=residual_lag(ref, deg, MAX_LAG_CHECK),
-                    actual_kbps=coded.actual_kbps,
-                    mode=coded.mode,
-                )
+                scores[app] = score(ref, ref16, coded)
                 done += 1
             rows.append(Row(channels, frame_ms, kbps, scores))
             line = "  ".join(f"{SHORT[a]} {s.pesq:.2f}/{s.seg_snr:5.1f} dB" for a, s in scores.items())
@@ -313,19 +318,11 @@ def measure_complexity(speech: I16) -> list[Effort]:
     ref16 = to_pesq_rate(ref)
     out: list[Effort] = []
     for app, complexity in itertools.product(APPLICATIONS, COMPLEXITIES):
-        coded = round_trip(pcm, app, kbps, frame_ms, complexity)
-        deg = channel_mean(coded.decoded)
-        score = Score(
-            pesq=pesq_wb(ref16, to_pesq_rate(deg)),
-            seg_snr=segmental_snr_db(ref, deg),
-            lag=residual_lag(ref, deg, MAX_LAG_CHECK),
-            actual_kbps=coded.actual_kbps,
-            mode=coded.mode,
-        )
-        out.append(Effort(app, complexity, score, encode_cpu_us(pcm, app, kbps, frame_ms, complexity)))
+        got = score(ref, ref16, round_trip(pcm, app, kbps, frame_ms, complexity))
+        out.append(Effort(app, complexity, got, encode_cpu_us(pcm, app, kbps, frame_ms, complexity)))
         print(
-            f"complexity {complexity:2d} {SHORT[app]:8s} PESQ {score.pesq:.2f}, {score.seg_snr:5.1f} dB, "
-            f"{out[-1].encode_us:5.0f} us/frame, {score.mode}",
+            f"complexity {complexity:2d} {SHORT[app]:8s} PESQ {got.pesq:.2f}, {got.seg_snr:5.1f} dB, "
+            f"{out[-1].encode_us:5.0f} us/frame, {got.mode}",
             file=sys.stderr,
         )
     return out

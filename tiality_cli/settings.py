@@ -15,6 +15,7 @@ CLI applies it (cli/settings.py). Pure stdlib: no typer here.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -102,17 +103,15 @@ def load_files(environ: Mapping[str, str] = os.environ) -> list[ConfigFile]:
 
 def check_keys(files: list[ConfigFile], known: Mapping[str, Collection[str]]) -> None:
     """ConfigError for the first section or key that no command knows (with the nearest known one)."""
-    from difflib import get_close_matches
-
     for f in files:
         for section, values in f.sections.items():
             if section not in known:
-                near = get_close_matches(section, list(known), n=1)
+                near = difflib.get_close_matches(section, list(known), n=1)
                 hint = f" (did you mean [{near[0]}]?)" if near else f" (sections: {', '.join(sorted(known))})"
                 raise ConfigError(f"{f.path}: unknown section [{section}]{hint}")
             for key in values:
                 if key not in known[section]:
-                    near = get_close_matches(key, list(known[section]), n=1)
+                    near = difflib.get_close_matches(key, list(known[section]), n=1)
                     hint = f" (did you mean {near[0].replace('_', '-')!r}?)" if near else ""
                     written = f.spelled.get((section, key), key)
                     raise ConfigError(f"{f.path}: [{section}] unknown key {written!r}{hint}")

@@ -10,7 +10,6 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -38,7 +37,7 @@ from tiality_cli.cli.common import (
     guarded,
     stop_on_signals,
 )
-from tiality_cli.cli.settings import RecvCommand, SendCommand, convert_plainly
+from tiality_cli.cli.settings import ConfiguredCommand, RecvCommand, SendCommand, convert_plainly
 from tiality_cli.config import DEFAULT_APPLICATION, DEFAULT_PORT
 from tiality_cli.errors import ConfigError
 
@@ -64,12 +63,12 @@ class _RootGroup(TyperGroup):
         rest: list[str] = super().parse_args(ctx, args)
         return rest
 
-    def commands_where(self, keep: Callable[[CommandInfo], bool]) -> dict[str, click.Command]:
-        """The app's commands that ``keep`` selects, built. main() builds only the command it runs; the
-        config files are checked against the options of every command that reads them, so those are
-        built here when a file exists (once: they join this group's commands)."""
-        names = {_command_name(c) for c in _ALL if keep(c)}
-        missing = [c for c in _ALL if _command_name(c) in names and _command_name(c) not in self.commands]
+    def configured_commands(self) -> dict[str, click.Command]:
+        """The commands that read a config section (send, recv), built. main() builds only the command it
+        runs; the config files are checked against the options of all of these, so they are built here
+        when a file exists (once: they join this group's commands)."""
+        infos = [c for c in _ALL if _reads_config(c.cls)]
+        missing = [c for c in infos if _command_name(c) not in self.commands]
         if missing:
             registered, app.registered_commands = app.registered_commands, missing
             try:
@@ -77,7 +76,7 @@ class _RootGroup(TyperGroup):
             finally:
                 app.registered_commands = registered
             self.commands.update(getattr(built, "commands", {}))
-        return {name: cmd for name, cmd in self.commands.items() if name in names}
+        return {name: self.commands[name] for name in map(_command_name, infos)}
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # As wide as the terminal (up to 120 columns, as Rich would be), so the commands' summaries fit.
@@ -519,6 +518,10 @@ _register_device_commands()
 
 # Every command, as registered at import (main() registers fewer while it runs).
 _ALL: tuple[CommandInfo, ...] = tuple(app.registered_commands)
+
+
+def _reads_config(cls: object) -> bool:
+    return isinstance(cls, type) and issubclass(cls, ConfiguredCommand) and cls.section is not None
 
 
 def _command_name(info: CommandInfo) -> str:

@@ -210,17 +210,12 @@ def checked_files(parent: Any) -> list[ConfigFile]:
     return files
 
 
-def _reads_files(info: Any) -> bool:
-    cls = getattr(info, "cls", None)
-    return isinstance(cls, type) and issubclass(cls, ConfiguredCommand) and cls.section is not None
-
-
 def configured_commands(parent: Any) -> Mapping[str, Any]:
-    """The app's commands that read a config section (send, recv), built: the console entry builds
-    only the command it runs, and the root group builds these on demand (``commands_where``)."""
+    """The app's commands that read a config section (send, recv), built: the console entry builds only
+    the command it runs, and the root group builds these on demand."""
     root = parent.find_root().command
-    pick = getattr(root, "commands_where", None)
-    return pick(_reads_files) if pick is not None else getattr(root, "commands", {})
+    build = getattr(root, "configured_commands", None)
+    return build() if build is not None else getattr(root, "commands", {})
 
 
 # ---------------------------------------------------------------------------------------------------------
