@@ -109,6 +109,7 @@ class Plan:
     help_runs: int = 5
     shed: bool = False  # fan-in with recv's default overload policy instead of keeping every stream
     resampler: str = "sinc_fastest"  # fan-in: recv --resampler (the default unless --resampler)
+    economy: bool = True  # fan-in: recv --economy (its default: overloaded, it stops resampling first)
 
     @staticmethod
     def quick() -> Plan:
@@ -282,7 +283,7 @@ class Proc:
 
 
 def start_receiver(
-    max_senders: int = 8, shed: bool = True, resampler: str = "sinc_fastest"
+    max_senders: int = 8, shed: bool = True, resampler: str = "sinc_fastest", economy: bool = True
 ) -> tuple[Proc, int]:
     """``tiality recv --port 0 -o null:// --json``; returns it and the port from its stderr line."""
     recv = Proc(
@@ -290,6 +291,7 @@ def start_receiver(
         tiality(
             "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json",
             "--max-senders", str(max_senders), "--shed" if shed else "--no-shed", "--resampler", resampler,
+            "--economy" if economy else "--no-economy",
         ),
     )  # fmt: skip
     try:
@@ -731,6 +733,7 @@ class FanRun:
     mixer_load: float  # the receiver's own load_pct (its mixer's share of real time), last line in the window
     capacity: float  # the receiver's own capacity estimate (senders within --max-load) then; nan if none
     floor: float  # the bare receiver (read + decode only) under the same load, fraction of a core
+    economy: float  # share of the window's stats lines in which recv had stopped resampling (economy)
 
     @property
     def over_floor_us(self) -> float:
@@ -762,7 +765,7 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
     load = load1()
     # The targets are about carrying every stream: by default recv would end a burst's newest senders
     # beyond its capacity (--shed measures that instead).
-    recv, port = start_receiver(streams, shed=plan.shed, resampler=plan.resampler)
+    recv, port = start_receiver(streams, shed=plan.shed, resampler=plan.resampler, economy=plan.economy)
     with recv:
         with warmed_load(port, streams, plan) as (gen, done):
             t0, threads0 = time.monotonic(), thread_cpu(recv.pid)
@@ -778,7 +781,8 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
     floor = bare_floor(streams, plan)
     last = stats[-1][1] if stats else {}
     busiest = max(c - threads0.get(tid, ("", 0.0))[1] for tid, (_, c) in threads1.items()) / (t1 - t0)
-    window = [(t, d["played_s"]) for t, d in stats if t >= t0]
+    in_window = [(t, d) for t, d in stats if t >= t0]
+    window = [(t, d["played_s"]) for t, d in in_window]
     played = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 2 else math.nan
     return FanRun(
         streams=streams,
@@ -801,6 +805,7 @@ def fan_in(streams: int, plan: Plan) -> FanRun:
         mixer_load=float(last.get("load_pct") or math.nan),
         capacity=float(last["capacity"]) if last.get("capacity") is not None else math.nan,
         floor=floor,
+        economy=sum(bool(d.get("economy")) for _, d in in_window) / len(in_window) if in_window else math.nan,
     )
 
 
@@ -1010,8 +1015,8 @@ def fan_table(res: Results) -> list[str]:
         "| streams | receiver CPU | its busiest thread | played / wall | late | concealed | skipped "
         "| frames sent | frames played | bad | latency p50 / p95 | streams connected | receiver RSS "
         "| per extra stream | load generator CPU | its send lag p95 | receiver's load_pct / capacity "
-        "| bare receiver (floor) | receiver - floor, per packet | load average |",
-        "|" + "---:|" * 20,
+        "| bare receiver (floor) | receiver - floor, per packet | resampling off (economy) | load average |",
+        "|" + "---:|" * 21,
     ]
     one = res.fans.get(1, [])
     for n, fans in sorted(res.fans.items()):
@@ -1043,6 +1048,7 @@ def fan_table(res: Results) -> list[str]:
             f"{m(lambda f: f.mixer_load, '.0f', ' %')} / {m(lambda f: f.capacity, '.0f')}",
             m(lambda f: f.floor * 100, ".1f", " %"),
             m(lambda f: f.over_floor_us, ".0f", " µs") + (" (saturated)" if m_played < 0.995 else ""),
+            m(lambda f: f.economy * 100, ".0f", " %"),
             loads([f.load for f in fans]),
         ]
         out.append("| " + " | ".join(cells) + " |")
@@ -1072,7 +1078,8 @@ def report(res: Results, argv: list[str], started: datetime.datetime) -> list[st
         *summary_table(res),
         "",
         "Fan-in: one load generator process (grpc.aio, one connection per stream) into `tiality recv -o "
-        f"null:// --max-senders N --json {'--shed' if p.shed else '--no-shed'} --resampler {p.resampler}`"
+        f"null:// --max-senders N --json {'--shed' if p.shed else '--no-shed'} --resampler {p.resampler}"
+        f"{'' if p.economy else ' --no-economy'}`"
         + (
             ""
             if p.shed
@@ -1086,7 +1093,9 @@ def report(res: Results, argv: list[str], started: datetime.datetime) -> list[st
         "the whole run; latency is its last stats line in the window (the last 500 frames of each stream); "
         "bad = (late + concealed + skipped) / frames sent; frames neither played nor counted there were "
         "still queued when the generator stopped. The bare receiver (the floor) takes the same load "
-        "right after: it reads every stream and decodes every packet on grpc.aio's loop, nothing else.",
+        "right after: it reads every stream and decodes every packet on grpc.aio's loop, nothing else. "
+        "Resampling off (economy): the share of the window's stats lines in which recv, overloaded, had "
+        "stopped resampling for clock drift (its default, `--economy`).",
         "",
         *fan_table(res),
         "",
@@ -1129,6 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shed", action="store_true",
                     help="fan-in into recv's default overload policy (it ends a burst's newest senders "
                          "beyond its capacity) instead of --no-shed")  # fmt: skip
+    ap.add_argument("--no-economy", action="store_true",
+                    help="fan-in into recv --no-economy (it resamples even when overloaded)")  # fmt: skip
     args = ap.parse_args(args_in)
     parts = [p for p in args.only.split(",") if p]
     if set(parts) - set(PARTS) or (args.write and set(parts) != set(PARTS)):
@@ -1151,6 +1162,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.write:
             ap.error("--write records the scale with every stream kept: not with --shed")
         plan = dataclasses.replace(plan, shed=True)
+    if args.no_economy:
+        if args.write:
+            ap.error("--write records the scale at recv's defaults: not with --no-economy")
+        plan = dataclasses.replace(plan, economy=False)
     if args.resampler != "sinc_fastest":
         if args.write:
             ap.error("--write records the scale at recv's defaults: not with --resampler")

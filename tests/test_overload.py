@@ -60,14 +60,15 @@ def test_overloaded_receiver_refuses_a_new_sender_and_keeps_playing_the_others()
     assert (result.packets_sent, result.receiver_packets, result.receiver_frames_played) == (150, 150, 150)
     assert result.receiver_lost == 0  # (a loaded test machine may still make a packet late at the start)
     kinds = [e.kind for e in got]
-    assert kinds[:3] == ["stream_started", "overload", "sender_refused"]
+    # The overload first turned resampling off (economy), which no limit of 0.01 % can be met by.
+    assert kinds[:4] == ["stream_started", "overload", "economy", "sender_refused"]
     overload = got[1]
     assert re.fullmatch(
         r"receiver overloaded: mixing 1 sender takes \d+ % of real time \(limit 0\.01 %, --max-load\); "
         r"it carries about 0",
         overload.detail,
     )
-    assert re.fullmatch(REFUSAL, got[2].detail) and overload.session_id == 0
+    assert re.fullmatch(REFUSAL, got[3].detail) and overload.session_id == 0
     assert rx.streams_started == 1
 
 
@@ -222,8 +223,9 @@ def test_a_burst_beyond_capacity_ends_the_newest_senders_and_the_others_play_on(
     """Senders that join during a window, before their cost is known (a burst: here in the middle of a
     window that kept up), are ended newest first once the mixer has been overloaded for two windows,
     down to what it carries (at least one stays); a sender that was playing through a whole window
-    that kept up is never ended. With shed off, every sender stays."""
-    cfg = ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8, shed=shed)
+    that kept up is never ended. With shed off, every sender stays. (Economy off: with it, the first
+    overloaded window turns resampling off and two more are needed; see the economy test.)"""
+    cfg = ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8, shed=shed, economy=False)
     rx, server, port = _transport(transport, cfg)
     got: list[ReceiverEvent] = []
     rx.subscribe(got.append)
@@ -343,8 +345,9 @@ def test_a_paused_output_does_not_close_a_window_on_a_few_blocks() -> None:
 @pytest.mark.parametrize("shed", [True, False], ids=["shed", "no-shed"])
 def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(shed: bool) -> None:
     """Three senders open their streams at once, within the receiver's first second (before its load is
-    known); with a capacity of 0 (``--max-load 0.01``) recv ends the two newest after two overloaded
-    seconds and says so once on stderr, the senders get the figures, and the summary counts them."""
+    known); with a capacity of 0 (``--max-load 0.01``) recv first stops resampling (one line), then ends
+    the two newest after two more overloaded seconds and says so once on stderr, the senders get the
+    figures, and the summary counts them."""
     recv = subprocess.Popen(
         [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json", *LOW_CAPACITY,
          "--max-senders", "8", "--shed" if shed else "--no-shed"],
@@ -385,6 +388,12 @@ def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(
     played = [r for r in results if isinstance(r, SendResult)]
     ended = [r for r in results if isinstance(r, RejectedError)]
     lines = [ln for ln in err.splitlines() if "ended the" in ln]
+    economy = [ln for ln in err.splitlines() if "stopped resampling" in ln]
+    assert len(economy) == 1 and re.fullmatch(
+        r"tiality recv: mixing took \d+ % of real time \(limit 0\.01 %\): stopped resampling for clock "
+        r"drift, which is now corrected in 2\.5 ms steps at quiet points \(--no-economy\)",
+        economy[0],
+    ), economy
     if not shed:
         assert len(played) == 3 and summary["streams_shed"] == 0 and not lines
         return
@@ -405,3 +414,72 @@ def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(
         rf"playing: {figures}",
         lines[0],
     ), lines
+
+
+def test_an_overload_first_turns_resampling_off_then_on_again_once_it_would_fit() -> None:
+    """Economy: the first overloaded window turns every stream's drift resampling off (one ``economy``
+    event), and a sender joining meanwhile starts without it; once resampling again would keep the load
+    under 90 % of the limit for 5 windows in a row (the per-stream cost times the gain measured at the
+    switch), it comes back on (``economy_ended``). Nobody is shed meanwhile, and the stream that played
+    through both switches played every packet it sent."""
+    rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8))
+    got: list[ReceiverEvent] = []
+    rx.subscribe(got.append)
+    port = rx.start()
+    pacer = _Pacer(rx)
+    results: dict[str, object] = {}
+
+    def send(name: str, hz: int, seconds: float) -> None:
+        scfg = SenderConfig(f"127.0.0.1:{port}", seconds=seconds, reconnect=False, name=name)
+        results[name] = Sender(f"tone://{hz}", scfg).run()
+
+    threads = [threading.Thread(target=send, args=("old", 300, 11.0))]
+
+    def resampling() -> list[bool]:
+        return [s.playout.resampling_allowed for s in rx.sessions()]
+
+    try:
+        threads[0].start()
+        wait_until(lambda: len(rx.sessions()) == 1, 20, "the first sender")
+        pacer.pull(100.0)
+        assert resampling() == [True] and not rx.economy
+        pacer.pull(0.0001)  # overloaded: economy at once
+        assert rx.economy and [e.kind for e in got][-2:] == ["overload", "economy"]
+        pacer.pull(100.0, 2)  # the sink's next pull applies it
+        assert resampling() == [False]
+        threads.append(threading.Thread(target=send, args=("late", 400, 3.0)))
+        threads[-1].start()
+        wait_until(lambda: len(rx.sessions()) == 2, 20, "the second sender")
+        assert resampling() == [False, False]
+        for _ in range(4):
+            pacer.pull(100.0)
+            assert rx.economy
+        pacer.pull(100.0)  # the fifth window in a row in which resampling would fit
+        assert not rx.economy and [e.kind for e in got][-2:] == ["economy_ended", "overload_ended"]
+        pacer.pull(100.0, 2)
+        assert all(resampling()) and resampling()
+        while any(t.is_alive() for t in threads):
+            pacer.pull(100.0)
+        for t in threads:
+            t.join()
+    finally:
+        rx.stop()
+    kinds = [e.kind for e in got]
+    assert kinds.count("economy") == 1 and kinds.count("economy_ended") == 1 and "shed" not in kinds
+    (on,) = [e for e in got if e.kind == "economy"]
+    (off,) = [e for e in got if e.kind == "economy_ended"]
+    assert re.fullmatch(
+        r"mixing took \d+ % of real time \(limit 0\.0001 %\): stopped resampling for clock drift, which is "
+        r"now corrected in 2\.5 ms steps at quiet points \(--no-economy\)",
+        on.detail,
+    ), on.detail
+    assert re.fullmatch(
+        r"mixing would take about \d+ % of real time with resampling \(limit 100 %\): resampling for "
+        r"clock drift again",
+        off.detail,
+    ), off.detail
+    for name, packets in (("old", 550), ("late", 150)):
+        r = results[name]
+        assert isinstance(r, SendResult), r
+        assert (r.packets_sent, r.receiver_packets, r.receiver_lost) == (packets, packets, 0), name
+        assert r.receiver_frames_played == packets, name

@@ -983,3 +983,90 @@ def test_resampler_is_bypassed_at_ratio_one_and_engages_seamlessly(resampler: st
     assert join <= ideal * 1.01 + 2 / 32768
     # About 1 / 1.0002 as many samples out from the switch on (the converter keeps ~20 back).
     assert abs(len(y) - 6 * n - 6 * n / 1.0002) <= 40
+
+
+@pytest.mark.parametrize("resampler", ["sinc_fastest", "linear"])
+def test_resampling_turns_off_and_on_seamlessly(resampler: str) -> None:
+    """The receiver short of CPU turns a stream's resampling off (set_resampling): what the converter
+    held comes out, its output fades into the exact samples, which then go out bit for bit; turned on
+    again, it engages primed as before. A continuous 7 kHz sine stays continuous at both switches (its
+    largest second difference is the ideal sine's), its level steady (the fade joins two copies less
+    than a sample apart: at 7 kHz, at most 0.25 dB down), and no sample is lost or repeated."""
+    pb = StreamPlayout(STEREO_48K, STEREO_48K, PlayoutConfig(resampler=resampler), ManualClock(start_ns=T0))
+    n = STEREO_48K.frame_samples
+    frames = 24
+    t = np.arange(frames * n) / 48_000
+    sine = (0.5 * np.sin(2 * np.pi * 7000 * t)).astype(np.float32)
+    out = []
+    for k in range(frames):
+        if k == 2:
+            pb.control.steer = 2e-4  # B left the dead band: the converter engages
+        if k == 8:
+            pb.set_resampling(False)
+            pb._apply_resampling(False)  # as the sink thread's next pull does
+        if k == 16:
+            pb.set_resampling(True)
+            pb._apply_resampling(True)
+            pb.control.steer = -2e-4
+        pb.decoder.output[:n] = np.round(sine[k * n : (k + 1) * n] * 32768)[:, None].astype(np.int16)
+        pb._append(n)
+        got = pb._fifo[pb._head : pb._tail, 0].copy()
+        pb._handed += len(got)
+        pb._head = pb._tail
+        out.append(got)
+        if k == 8:
+            assert not pb._resampling and not pb.resampling_allowed
+        if k == 15:  # exact since the fade: the input's own samples, each frame whole
+            exact = np.concatenate(out[9:16])
+            assert np.array_equal(exact, np.round(sine[9 * n : 16 * n] * 32768) / 32768)
+            assert pb._due == pb._handed
+    assert pb._resampling
+    y = np.concatenate(out)
+    ideal = float(np.abs(np.diff(sine, 2)).max())
+    for k in (8, 16):
+        at = sum(len(o) for o in out[:k])
+        join = float(np.abs(np.diff(y[at - 60 : at + 240], 2)).max())
+        assert join <= ideal * 1.01 + 2 / 32768, k
+        # The level, in 1 ms windows across the fade: within 0.25 dB of the sine's
+        seg = y[at - 48 : at + 240].reshape(-1, 48)
+        rms = np.sqrt((seg.astype(np.float64) ** 2).mean(axis=1))
+        assert 20 * np.log10(rms.min() / (0.5 / np.sqrt(2))) > -0.25, k
+    # Samples: 1 / 1.0002 as many while resampling (frames 2-7), 1 / 0.9998 (16-23), exact otherwise;
+    # those the converter still holds at the end count: within the half sample the switch rounds.
+    expected = 10 * n + 6 * n / 1.0002 + 8 * n / 0.9998
+    assert abs(len(y) + (pb._due - pb._handed) - expected) <= 1.0
+
+
+@pytest.mark.slow
+def test_a_drifting_stream_stays_on_target_with_resampling_off_and_on_again() -> None:
+    """300 ppm fast: a minute resampled, a minute in exact mode (the receiver short of CPU), a minute
+    resampled again. In exact mode the drift (18 ms in the minute) is taken back by dropping 2.5 ms
+    slices, at quiet points from 4.5 ms over the target and anywhere from 10 ms over: the test's CELT
+    tone has no quiet point, so B rides up to 10 ms over and slices go from there (pitch-matched cuts).
+    The switches leave the target alone; turned back on, the loop brings B back into its dead band with
+    the estimate it kept, and drops nothing more. Nothing is concealed or inserted throughout."""
+    sender = Sender(ppm=300.0)
+    frames = range(round(181 * S * (1 + 300e-6) / STEREO_48K.frame_ns))
+    rx = Receiver(config=PlayoutConfig(), record=False, wake_ms=1.0)
+    rx.send(stream(sender, frames, Network(jitter_ms=4.0))).run(60.0)
+    st, pb, tr = rx.playout.stats, rx.playout, rx.trace
+    assert pb._resampling and st.skipped == 0
+    pb.set_resampling(False)
+    rx.run(120.0)
+    assert not pb._resampling
+    drops, dropped_ms = st.skipped, st.skipped_ms
+    pb.set_resampling(True)
+    rx.run(180.0)
+    assert pb._resampling
+    assert (st.concealed, st.inserted, st.late, st.lost) == (0, 0, 0, 0)
+    assert drops >= 3 and st.skipped == drops  # none once resampling again
+    # Where the minute's drift went in exact mode: the audio dropped (pitch-matched cuts are 1.25-2.5 ms)
+    # plus B's rise; measured: 5 cuts.
+    rise = float(tr.buffer(119.0, 120.0).mean() - tr.buffer(59.0, 60.0).mean())
+    assert abs(dropped_ms + rise - 60.0 * 300e-3) < 1.0, (drops, dropped_ms, rise)
+    assert np.abs(tr.target(1.0) - tr.target(59.0, 60.0).mean()).max() < 0.5  # the switches left it
+    assert np.abs(tr.error(1.0, 60.0)).max() < 3.0
+    exact = tr.error(60.0, 120.0)
+    assert exact.max() < 10.0 + 2.5 and exact.min() > -3.0, (exact.min(), exact.max())
+    assert np.abs(tr.error(130.0)).max() < 3.0  # measured: B back in the band within 2 s
+    assert np.abs(tr.drift(120.0) - 300.0).max() < 10.0

@@ -289,6 +289,9 @@ class LatencyController:
         self.rate = rate
         self.policy = policy
         self.resampling = resampling
+        # The target holds a block more when playback starts mid-frame (resampling); kept when the stream
+        # turns to exact mode later (StreamPlayout.set_resampling), whose frames stay where they were.
+        self.block_margin = resampling
         self.frame_samples = rate * frame_ns // 1_000_000_000
         self.slice = rate * SLICE_NS // 1_000_000_000  # samples at the output rate
         floor_size = max(8, min(policy.window, int(FLOOR_WINDOW_S * 1e9 / frame_ns)))
@@ -400,7 +403,7 @@ class LatencyController:
             self._since_percentile = 0
             self._percentile_ns = self.jitter.percentile(policy.percentile)
             desired = self._percentile_ns + policy.margin_ns
-            if self.resampling:  # a frame's decode deadline may fall a block before its play
+            if self.block_margin:  # a frame's decode deadline may fall a block before its play
                 desired += block * 1e9 / self.rate
             self.desired_ns = min(desired, policy.max_ns)
         if self.desired_ns >= self.target_ns:

@@ -239,6 +239,11 @@ class StreamPlayout:
         # cost (sinc_fastest: twice the Opus decode). The first ratio other than 1 engages it for good,
         # primed with the audio already written, so that the switch is seamless (see _engage).
         self._resampling = False
+        # Exact mode (set_resampling(False): the receiver is short of CPU): drift is corrected by the step
+        # corrections alone, the resampler left out; switching either way is seamless (see _disengage).
+        self._exact = False
+        self._want_resampling: bool | None = None  # set_resampling()'s request, for the sink thread
+        self._xfade: F32 | None = None  # the crossfade out of the resampler, allocated at the first
         if cfg.drift_compensation:
             from tiality_cli.resample import Resampler
 
@@ -297,6 +302,8 @@ class StreamPlayout:
         now = self.clock.monotonic_ns()
         if self._policy is not None:
             self._apply_policy(self._policy)
+        if self._want_resampling is not None:
+            self._apply_resampling(self._want_resampling)
         self._drain()
         n = len(out)
         if self.state == State.WAITING:
@@ -542,7 +549,13 @@ class StreamPlayout:
             self._mark_arrival[i] = arrival
             self._mark_capture_delay[i] = capture_delay
             self._mark_write += 1
-        if self._resampler is not None:
+        if self._exact:
+            if self._resampling:
+                self._disengage(f)
+            else:
+                self._fifo_write(f)
+                self._due += len(f)
+        elif self._resampler is not None:
             ratio = self.control.ratio
             if self._resampling or ratio != 1.0:
                 skip = 0 if self._resampling else self._engage()
@@ -572,6 +585,34 @@ class StreamPlayout:
         if not len(history):
             return 0
         return len(history) - self._resampler.process(history, 1.0) + LAG.get(self.config.resampler, 0)
+
+    def _disengage(self, f: F32) -> None:
+        """Stops resampling at decoded frame ``f``, without a click: what the resampler holds back comes
+        out first, then its output fades into the exact samples over a slice.
+
+        ``f[0]`` is due ``_due - written`` samples into the resampler's output (what it held back, a sinc
+        filter's half length); fed at ratio 1, its output from there on is ``f`` delayed by less than a
+        sample, so the two are faded across and the timeline continues from whole samples.
+        """
+        assert self._resampler is not None
+        self._resampling = False
+        n = len(f)
+        m = self._resampler.process(f, 1.0)
+        r = self._resampler.output[:m]
+        written = self._handed + self._tail - self._head
+        held = max(0, min(round(self._due - written), m))
+        fade = min(self._slice, n, m - held)
+        self._fifo_write(r[:held])
+        if fade > 0:
+            if self._xfade is None:
+                self._xfade = np.zeros((self._slice, self.output.channels), dtype=np.float32)
+            w, g = self._fade[:fade], self._xfade[:fade]
+            np.multiply(r[held : held + fade], 1.0 - w, out=g)
+            g += f[:fade] * w
+            self._fifo_write(g)
+        self._fifo_write(f[fade:])
+        self._due = float(self._handed + self._tail - self._head)
+        self._resampler.reset()
 
     def _fifo_write(self, y: F32) -> None:
         m = len(y)
@@ -636,6 +677,33 @@ class StreamPlayout:
         if cfg.latency_ms is not None and cfg.latency_ms > cfg.max_latency_ms:
             cfg = replace(cfg, latency_ms=cfg.max_latency_ms)
         self._policy = cfg.validate()
+
+    def set_resampling(self, on: bool) -> None:
+        """Turns drift compensation's resampling off (exact samples out; the drift is then corrected by
+        2.5 ms steps at quiet points, as with ``drift_compensation`` False) or back on, at the sink
+        thread's next pull, seamlessly. The receiver turns it off when it runs short of CPU: resampling
+        is most of what a stream costs beyond its decode. A stream without drift compensation ignores it.
+        """
+        if self._resampler is not None:
+            self._want_resampling = on
+
+    @property
+    def resampling_allowed(self) -> bool:
+        """Whether drift compensation may resample (False: exact mode, after set_resampling(False), also
+        while the sink thread has yet to apply it)."""
+        want = self._want_resampling
+        return self._resampler is not None and (not self._exact if want is None else want)
+
+    def _apply_resampling(self, on: bool) -> None:
+        self._want_resampling = None
+        if on == (not self._exact):
+            return
+        ctl = self.control
+        self._exact = not on
+        ctl.resampling = on
+        ctl.steer = 0.0
+        if on:  # the drift loop missed B's course meanwhile: it starts again (the estimate is kept)
+            ctl.drift.restart()
 
     def _apply_policy(self, cfg: PlayoutConfig) -> None:
         self._policy = None

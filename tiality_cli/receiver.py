@@ -57,6 +57,8 @@ EVENT_KINDS = (
     "sender_refused",
     "overload",
     "overload_ended",
+    "economy",
+    "economy_ended",
     "shed",
 )
 LOAD_WINDOW_S = 1.0  # the mixer's load is measured over this much audio...
@@ -65,6 +67,7 @@ LOAD_WINDOW_MIN_S = 0.25  # ... once it holds this much audio (an output that pa
 LOAD_CLEAR = 0.9  # an overload ends when the load stays below this share of the limit...
 LOAD_CALM = 5  # ... for this many windows in a row (a load hovering at the limit warns once)
 SHED_AFTER = 2  # overloaded windows in a row before the newest senders are ended (one may be a host stall)
+ECONOMY_GAIN = 1.3  # what resampling multiplies a stream's cost by, until measured at a switch (1.2-1.5)
 
 log = logging.getLogger("tiality")
 
@@ -90,6 +93,10 @@ class ReceiverConfig:
     # before the load was known): end the newest of those until it carries no more than it can. False:
     # keep every sender, all degraded.
     shed: bool = True
+    # Overloaded: first stop resampling for clock drift (the streams' drift is then corrected by 2.5 ms
+    # steps at quiet points; see StreamPlayout.set_resampling), which takes a quarter or more off each
+    # stream's cost, and resample again once the load would stay under 90 % of the limit with it.
+    economy: bool = True
 
     def validate(self) -> ReceiverConfig:
         """Raises ConfigError naming the option, for library callers as for the CLI."""
@@ -440,6 +447,10 @@ class Receiver:
         self._calm = 0  # windows in a row below the overload's end
         self._over = 0  # windows in a row above the limit
         self._kept_up_ns = 0  # start of the last load window within the limit (senders since then are new)
+        self._economy = False  # resampling is off for every stream (ReceiverConfig.economy)
+        self._economy_gain = ECONOMY_GAIN  # a stream's cost with resampling / without, once measured
+        self._cost_before = 0.0  # the per-stream cost in the window that turned economy on
+        self._economy_calm = 0  # windows in a row in which resampling again would fit
         self._alloc(4096, 2)
         # The output timeline: mixer sample position -> monotonic time it was pulled (fitted from below).
         self._pos = 0
@@ -763,17 +774,36 @@ class Receiver:
         self._load, self._load_mean_streams = load, self._load_streams / self._load_samples
         if self._load_mean_streams >= 0.5:
             self._stream_load = self._mix_ns / audio_ns / self._load_mean_streams
+            if self._cost_before and self._stream_load > 0:  # the first window since economy began
+                self._economy_gain = min(4.0, max(1.0, self._cost_before / self._stream_load))
+                self._cost_before = 0.0
         self._busy_ns = self._mix_ns = self._load_samples = self._load_streams = 0
         limit = self.config.max_load_pct / 100
         if load > limit:
-            self._calm = 0
+            self._calm = self._economy_calm = 0
             self._over += 1
             if not self._overloaded:
                 self._overloaded = True
                 self._emit("overload", detail=self.overload_text())
+            if (
+                self.config.economy
+                and not self._economy
+                and any(s.playout.resampling_allowed for s in self._sessions)
+            ):
+                self._set_economy(True, load)
+                return
             if self.config.shed and self._over >= SHED_AFTER:
                 self._shed()
             return
+        if self._economy and not self._cost_before:
+            # Resampling again would multiply the per-stream part of the load by the gain measured
+            self._economy_calm += 1
+            per = self._stream_load * self._load_mean_streams
+            projected = (load - per) + per * self._economy_gain
+            if projected >= limit * LOAD_CLEAR:
+                self._economy_calm = 0
+            elif self._economy_calm >= LOAD_CALM:
+                self._set_economy(False, projected)
         self._over = 0
         # Those that joined during this window were not measured over all of it: still new.
         self._kept_up_ns = self._load_start_ns
@@ -782,6 +812,35 @@ class Receiver:
             if self._calm >= LOAD_CALM:
                 self._overloaded = False
                 self._emit("overload_ended", detail=f"mixing takes {load * 100:.0f} % of real time")
+
+    def _set_economy(self, on: bool, load: float) -> None:
+        """Turns every stream's resampling off (``on``: the mixer is overloaded, ``load``) or back on
+        (``load``: what it would be with resampling); the sink's thread, closing a load window. New
+        streams follow."""
+        self._economy = on
+        self._economy_calm = 0
+        self._cost_before = self._stream_load if on else 0.0
+        for s in self._sessions:
+            s.playout.set_resampling(not on)
+        limit = self.config.max_load_pct
+        if on:
+            self._over = 0  # the next windows show the load without resampling before any sender is shed
+            self._emit(
+                "economy",
+                detail=f"mixing took {load * 100:.0f} % of real time (limit {limit:g} %): stopped resampling "
+                "for clock drift, which is now corrected in 2.5 ms steps at quiet points (--no-economy)",
+            )
+        else:
+            self._emit(
+                "economy_ended",
+                detail=f"mixing would take about {load * 100:.0f} % of real time with resampling (limit "
+                f"{limit:g} %): resampling for clock drift again",
+            )
+
+    @property
+    def economy(self) -> bool:
+        """Whether resampling for clock drift is off to save CPU (since an ``economy`` event)."""
+        return self._economy
 
     def _shed(self) -> None:
         """Ends the newest senders that joined since the mixer last kept up, until it carries no more
@@ -940,6 +999,8 @@ class Receiver:
             playout = StreamPlayout(
                 fmt, out, cfg, self._burst_clock, fec=info.fec, lookahead_samples=info.algorithm_delay
             )
+            if self._economy:
+                playout.set_resampling(False)
             now = self.clock.monotonic_ns()
             soloed = any(s.solo for s in self._sessions)  # then a new sender starts silent, not with a blip
             s = Session(

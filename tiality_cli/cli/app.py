@@ -351,6 +351,14 @@ def recv(
             "--no-shed keeps them all, every stream degraded.",
         ),
     ] = True,
+    economy: Annotated[
+        bool,
+        typer.Option(
+            help="Overloaded: first stop resampling for clock drift (correct it in 2.5 ms steps at quiet "
+            "points instead), about a quarter off each stream's CPU; resample again once it fits. "
+            "--no-economy always resamples.",
+        ),
+    ] = True,
     token: TokenOption = None,
     token_file: TokenFileOption = None,
     tls_cert: Annotated[str | None, typer.Option(help="Certificate (PEM) to serve TLS with.")] = None,
@@ -419,6 +427,7 @@ def recv(
             record=record,
             max_load_pct=max_load,
             shed=shed,
+            economy=economy,
         )
         receiver = Receiver(sink, config)
         with stop_on_signals() as stop:

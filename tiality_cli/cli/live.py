@@ -415,6 +415,7 @@ def receiver_fields(receiver: Receiver, snap: StatsSnapshot, played_s: float) ->
         "load_pct": None if receiver.load_pct is None else round(receiver.load_pct, 1),
         "capacity": receiver.capacity,
         "overloaded": receiver.overloaded,
+        "economy": receiver.economy,
     }
 
 
@@ -441,7 +442,7 @@ def run_receiver(
     from tiality_cli.io.base import ClockedSink
 
     def warn(event: ReceiverEvent) -> None:
-        """An overload (and the senders ended to end it), on stderr whatever the output mode."""
+        """An overload (and what the receiver does about it), on stderr whatever the output mode."""
         if event.kind == "overload":
             text = f"tiality recv: warning: {event.detail}; new senders are refused"
             print(text, file=sys.stderr, flush=True)
@@ -449,6 +450,8 @@ def run_receiver(
             print(f"tiality recv: overload ended: {event.detail}", file=sys.stderr, flush=True)
         elif event.kind == "shed":
             print(f"tiality recv: warning: {event.detail}", file=sys.stderr, flush=True)
+        elif event.kind in ("economy", "economy_ended"):
+            print(f"tiality recv: {event.detail}", file=sys.stderr, flush=True)
 
     receiver.subscribe(warn)
     receiver.start()
