@@ -60,9 +60,10 @@ def test_overloaded_receiver_refuses_a_new_sender_and_keeps_playing_the_others()
     assert (result.packets_sent, result.receiver_packets, result.receiver_frames_played) == (150, 150, 150)
     assert result.receiver_lost == 0  # (a loaded test machine may still make a packet late at the start)
     kinds = [e.kind for e in got]
-    # The overload first turned resampling off (economy), which no limit of 0.01 % can be met by.
-    assert kinds[:4] == ["stream_started", "overload", "economy", "sender_refused"]
-    overload = got[1]
+    # A quarter second into the first window the load so far turned resampling off (economy), which no
+    # limit of 0.01 % can be met by: the window that followed reported the overload.
+    assert kinds[:4] == ["stream_started", "economy", "overload", "sender_refused"]
+    overload = got[2]
     assert re.fullmatch(
         r"receiver overloaded: mixing 1 sender takes \d+ % of real time \(limit 0\.01 %, --max-load\); "
         r"it carries about 0",
@@ -94,13 +95,19 @@ def test_recv_warns_on_stderr_reports_its_load_and_the_sender_shows_one_line() -
         )
         warning: list[str] = []
         err = recv.stderr
-        reader = threading.Thread(target=lambda: warning.append(err.readline()))
+        reader = threading.Thread(target=lambda: warning.extend((err.readline(), err.readline())))
         reader.start()
         reader.join(20)
-        assert warning and re.fullmatch(
+        # First the economy line (a quarter second in), then the overload's warning (the window after).
+        assert len(warning) == 2 and re.fullmatch(
+            r"tiality recv: mixing took \d+ % of real time \(limit 0\.01 %\): stopped resampling for clock "
+            r"drift, which is now corrected in 2\.5 ms steps at quiet points \(--no-economy\)\n",
+            warning[0],
+        ), warning
+        assert re.fullmatch(
             r"tiality recv: warning: receiver overloaded: mixing 1 sender takes \d+ % of real time "
             r"\(limit 0\.01 %, --max-load\); it carries about 0; new senders are refused\n",
-            warning[0],
+            warning[1],
         ), warning
         refused = subprocess.run(
             [*TIALITY, "send", target, "-i", "tone://300", "--seconds", "1", "-q"],
@@ -417,11 +424,12 @@ def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(
 
 
 def test_an_overload_first_turns_resampling_off_then_on_again_once_it_would_fit() -> None:
-    """Economy: the first overloaded window turns every stream's drift resampling off (one ``economy``
-    event), and a sender joining meanwhile starts without it; once resampling again would keep the load
-    under 90 % of the limit for 5 windows in a row (the per-stream cost times the gain measured at the
-    switch), it comes back on (``economy_ended``). Nobody is shed meanwhile, and the stream that played
-    through both switches played every packet it sent."""
+    """Economy: a load over the limit turns every stream's drift resampling off (one ``economy`` event)
+    as soon as a window holds a quarter second of it, before the window closes (the window starts again,
+    measured without resampling), and a sender joining meanwhile starts without it; once resampling
+    again would keep the load under 90 % of the limit for 5 windows in a row (the per-stream cost times
+    the gain measured at the switch), it comes back on (``economy_ended``). Nobody is shed meanwhile,
+    and the stream that played through both switches played every packet it sent."""
     rx = Receiver(None, ReceiverConfig(port=0, bind="127.0.0.1", max_senders=8))
     got: list[ReceiverEvent] = []
     rx.subscribe(got.append)
@@ -443,10 +451,12 @@ def test_an_overload_first_turns_resampling_off_then_on_again_once_it_would_fit(
         wait_until(lambda: len(rx.sessions()) == 1, 20, "the first sender")
         pacer.pull(100.0)
         assert resampling() == [True] and not rx.economy
-        pacer.pull(0.0001)  # overloaded: economy at once
-        assert rx.economy and [e.kind for e in got][-2:] == ["overload", "economy"]
+        pacer.pull(0.0001, 49)  # overloaded, but not a quarter second of it yet
+        assert not rx.economy
+        pacer.pull(0.0001, 1)  # 0.25 s into the window: economy, before the window closes
+        assert rx.economy and got[-1].kind == "economy" and not rx.overloaded
         pacer.pull(100.0, 2)  # the sink's next pull applies it
-        assert resampling() == [False]
+        assert resampling() == [False] and all(s.playout._exact for s in rx.sessions())
         threads.append(threading.Thread(target=send, args=("late", 400, 3.0)))
         threads[-1].start()
         wait_until(lambda: len(rx.sessions()) == 2, 20, "the second sender")
@@ -455,9 +465,9 @@ def test_an_overload_first_turns_resampling_off_then_on_again_once_it_would_fit(
             pacer.pull(100.0)
             assert rx.economy
         pacer.pull(100.0)  # the fifth window in a row in which resampling would fit
-        assert not rx.economy and [e.kind for e in got][-2:] == ["economy_ended", "overload_ended"]
+        assert not rx.economy and got[-1].kind == "economy_ended"
         pacer.pull(100.0, 2)
-        assert all(resampling()) and resampling()
+        assert all(resampling()) and resampling() and not any(s.playout._exact for s in rx.sessions())
         while any(t.is_alive() for t in threads):
             pacer.pull(100.0)
         for t in threads:
@@ -465,7 +475,8 @@ def test_an_overload_first_turns_resampling_off_then_on_again_once_it_would_fit(
     finally:
         rx.stop()
     kinds = [e.kind for e in got]
-    assert kinds.count("economy") == 1 and kinds.count("economy_ended") == 1 and "shed" not in kinds
+    assert kinds.count("economy") == 1 and kinds.count("economy_ended") == 1
+    assert "shed" not in kinds and "overload" not in kinds  # economy was enough: no window was over
     (on,) = [e for e in got if e.kind == "economy"]
     (off,) = [e for e in got if e.kind == "economy_ended"]
     assert re.fullmatch(

@@ -68,6 +68,8 @@ LOAD_CLEAR = 0.9  # an overload ends when the load stays below this share of the
 LOAD_CALM = 5  # ... for this many windows in a row (a load hovering at the limit warns once)
 SHED_AFTER = 2  # overloaded windows in a row before the newest senders are ended (one may be a host stall)
 ECONOMY_GAIN = 1.3  # what resampling multiplies a stream's cost by, until measured at a switch (1.2-1.5)
+ECONOMY_GAIN_MAX = 2.0  # ... at most (a host stall in the window that started economy inflates it)
+ECONOMY_PEEK_S = 0.25  # economy may start once a window holds this much audio, before it closes
 
 log = logging.getLogger("tiality")
 
@@ -762,7 +764,26 @@ class Receiver:
             t0 - self._load_t0 >= LOAD_WINDOW_WALL_NS and self._load_samples >= LOAD_WINDOW_MIN_S * rate
         ):
             self._measure_load()
+        elif self._load_samples >= ECONOMY_PEEK_S * rate and not self._economy and self.config.economy:
+            self._peek()
         return playing
+
+    def _peek(self) -> None:
+        """Starts economy before the window closes when the load so far is over the limit: turning
+        resampling off is cheap to undo, and a burst of senders that saturates the mixer makes every
+        stream skip audio until then. The window starts again, so that shedding still waits for two
+        windows measured without resampling."""
+        audio_ns = self._load_samples * 1e9 / self._out_rate
+        load = self._busy_ns / audio_ns
+        if load <= self.config.max_load_pct / 100:
+            return
+        if not any(s.playout.resampling_allowed for s in self._sessions):
+            return
+        streams = self._load_streams / self._load_samples
+        self._set_economy(True, load)
+        if streams >= 0.5:
+            self._cost_before = self._mix_ns / audio_ns / streams
+        self._busy_ns = self._mix_ns = self._load_samples = self._load_streams = 0
 
     def _measure_load(self) -> None:
         """Closes a load window (the sink's thread, after a second of audio, or 1.5 s of wall time when the
@@ -775,8 +796,10 @@ class Receiver:
         if self._load_mean_streams >= 0.5:
             self._stream_load = self._mix_ns / audio_ns / self._load_mean_streams
             if self._cost_before and self._stream_load > 0:  # the first window since economy began
-                self._economy_gain = min(4.0, max(1.0, self._cost_before / self._stream_load))
+                self._economy_gain = min(ECONOMY_GAIN_MAX, max(1.0, self._cost_before / self._stream_load))
                 self._cost_before = 0.0
+        else:
+            self._cost_before = 0.0  # nothing to measure the gain on: the last one (or the default) holds
         self._busy_ns = self._mix_ns = self._load_samples = self._load_streams = 0
         limit = self.config.max_load_pct / 100
         if load > limit:
@@ -785,6 +808,9 @@ class Receiver:
             if not self._overloaded:
                 self._overloaded = True
                 self._emit("overload", detail=self.overload_text())
+            # Economy is for streams that may resample (a converter at ratio 1, not engaged yet, would
+            # be as soon as their drift shows): then the gain measured is about 1 and it ends as the
+            # overload does.
             if (
                 self.config.economy
                 and not self._economy
@@ -817,11 +843,12 @@ class Receiver:
         """Turns every stream's resampling off (``on``: the mixer is overloaded, ``load``) or back on
         (``load``: what it would be with resampling); the sink's thread, closing a load window. New
         streams follow."""
-        self._economy = on
+        with self._lock:  # open_stream reads the flag under it: a sender joining now follows it
+            self._economy = on
+            for s in self._sessions:
+                s.playout.set_resampling(not on)
         self._economy_calm = 0
         self._cost_before = self._stream_load if on else 0.0
-        for s in self._sessions:
-            s.playout.set_resampling(not on)
         limit = self.config.max_load_pct
         if on:
             self._over = 0  # the next windows show the load without resampling before any sender is shed
@@ -895,11 +922,15 @@ class Receiver:
     def capacity(self) -> int | None:
         """How many senders the mixer can carry within ``max_load_pct``, from its last second: what each
         stream cost it (its pull, gain and sum) on top of the fixed part (limiter, conversion, timeline),
-        which one more sender does not add to. None until it has mixed a stream for a second."""
+        which one more sender does not add to. None until it has mixed a stream for a second. In economy
+        (resampling off) a stream is counted at what it costs with resampling: economy carries a burst
+        through, it does not admit more senders than fit once it ends."""
         load, per = self._load, self._stream_load
         if load is None or per <= 0:
             return None
         fixed = max(0.0, load - per * self._load_mean_streams)
+        if self._economy:
+            per *= self._economy_gain
         return max(0, int((self.config.max_load_pct / 100 - fixed) / per))
 
     @property
