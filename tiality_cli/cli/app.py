@@ -346,9 +346,9 @@ def recv(
     shed: Annotated[
         bool,
         typer.Option(
-            help="Overloaded for 3-4 s (2-3 s with --no-economy) by senders that joined since it last "
-            "kept up (a burst before the load was known): end the newest of them (RESOURCE_EXHAUSTED) "
-            "until it carries what it can. --no-shed keeps them all, every stream degraded.",
+            help="Overloaded for 2-3 s by senders that joined since it last kept up (a burst before the "
+            "load was known): end the newest of them (RESOURCE_EXHAUSTED) until it carries what it can. "
+            "--no-shed keeps them all, every stream degraded.",
         ),
     ] = True,
     economy: Annotated[
