@@ -196,6 +196,13 @@ class _Pacer:
             self.next += 0.005
             time.sleep(max(0.0, self.next - time.monotonic()))
 
+    def drain(self, threads: list[threading.Thread]) -> None:
+        """Pulls calm windows until the senders' threads have ended (their streams played out)."""
+        while any(t.is_alive() for t in threads):
+            self.pull(100.0)
+        for t in threads:
+            t.join()
+
 
 def _transport(kind: str, rx_cfg: ReceiverConfig) -> tuple[Receiver, grpc.Server | None, int]:
     """The receiver's own grpc.aio server, a shared synchronous one (as a GUI's), or no sockets at all
@@ -262,10 +269,7 @@ def test_a_burst_beyond_capacity_ends_the_newest_senders_and_the_others_play_on(
         assert len(rx.sessions()) == 4 and rx.overloaded
         pacer.pull(0.0001)  # the second overloaded window in a row
         kept = [s.name.split()[0] for s in rx.sessions()]  # "old tone://300": the name, then the input
-        while any(t.is_alive() for t in threads):
-            pacer.pull(100.0)
-        for t in threads:
-            t.join()
+        pacer.drain(threads)
     finally:
         rx.stop()
         if server is not None:
@@ -468,10 +472,7 @@ def test_an_overload_first_turns_resampling_off_then_on_again_once_it_would_fit(
         assert not rx.economy and got[-1].kind == "economy_ended"
         pacer.pull(100.0, 2)
         assert all(resampling()) and resampling() and not any(s.playout._exact for s in rx.sessions())
-        while any(t.is_alive() for t in threads):
-            pacer.pull(100.0)
-        for t in threads:
-            t.join()
+        pacer.drain(threads)
     finally:
         rx.stop()
     kinds = [e.kind for e in got]

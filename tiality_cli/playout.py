@@ -552,18 +552,9 @@ class StreamPlayout:
             self._mark_arrival[i] = arrival
             self._mark_capture_delay[i] = capture_delay
             self._mark_write += 1
-        if self._exact:
-            rs = self._resampler
-            if rs is not None and self._resampling and self._settle:
-                self._settle = 0
-                self._fifo_write(rs.output[: rs.process(f, 1.0)])
-                self._due += len(f)
-            elif self._resampling:
-                self._disengage(f)
-            else:
-                self._fifo_write(f)
-                self._due += len(f)
-        elif self._resampler is not None:
+        if self._exact and self._resampling:
+            self._disengage(f)
+        elif self._resampler is not None and not self._exact:
             ratio = self.control.ratio
             if self._resampling or ratio != 1.0:
                 skip = 0 if self._resampling else self._engage()
@@ -595,23 +586,30 @@ class StreamPlayout:
         return len(history) - self._resampler.process(history, 1.0) + LAG.get(self.config.resampler, 0)
 
     def _disengage(self, f: F32) -> None:
-        """Stops resampling at decoded frame ``f``, without a click: what the resampler holds back comes
-        out first, then its output fades into the exact samples over a slice.
+        """Leaves the converter without a click, over two decoded frames: ``f`` goes through it at ratio
+        1 (``_settle``); at the next, what it holds back comes out first, then its output fades into the
+        exact samples over a slice.
 
         ``f[0]`` is due ``_due - written`` samples into the resampler's output (what it held back, a sinc
         filter's half length); fed at ratio 1, its output from there on is ``f`` delayed by less than a
         sample, so the two are faded across and the timeline continues from whole samples. The frame
-        before went through at ratio 1 (``_settle``): libsamplerate ramps a new ratio in over a call's
+        before goes through at ratio 1 because libsamplerate ramps a new ratio in over a call's
         output, which ``_due`` does not model, and the ramps' errors cancel once the ratio is back at 1
         (misaligned by the ramp, the fade dipped the level 5-10 dB at 7-12 kHz at the steer's 0.5 %).
         What remains is the rounding to a whole sample: at most half a sample, a dip of at most 0.7 dB
         at 12 kHz (0.2 dB at 7 kHz) for a millisecond.
         """
-        assert self._resampler is not None
+        rs = self._resampler
+        assert rs is not None
+        if self._settle:
+            self._settle = 0
+            self._fifo_write(rs.output[: rs.process(f, 1.0)])
+            self._due += len(f)
+            return
         self._resampling = False
         n = len(f)
-        m = self._resampler.process(f, 1.0)
-        r = self._resampler.output[:m]
+        m = rs.process(f, 1.0)
+        r = rs.output[:m]
         written = self._handed + self._tail - self._head
         held = max(0, min(round(self._due - written), m))
         fade = min(self._slice, n, m - held)
@@ -626,7 +624,7 @@ class StreamPlayout:
             self._fifo_write(g)
         self._fifo_write(f[fade:])
         self._due = float(self._handed + self._tail - self._head)
-        self._resampler.reset()
+        rs.reset()
 
     def _fifo_write(self, y: F32) -> None:
         m = len(y)

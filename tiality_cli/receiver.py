@@ -775,9 +775,7 @@ class Receiver:
         windows measured without resampling."""
         audio_ns = self._load_samples * 1e9 / self._out_rate
         load = self._busy_ns / audio_ns
-        if load <= self.config.max_load_pct / 100:
-            return
-        if not any(s.playout.resampling_allowed for s in self._sessions):
+        if load <= self.config.max_load_pct / 100 or not self._may_economize():
             return
         streams = self._load_streams / self._load_samples
         self._set_economy(True, load)
@@ -808,14 +806,7 @@ class Receiver:
             if not self._overloaded:
                 self._overloaded = True
                 self._emit("overload", detail=self.overload_text())
-            # Economy is for streams that may resample (a converter at ratio 1, not engaged yet, would
-            # be as soon as their drift shows): then the gain measured is about 1 and it ends as the
-            # overload does.
-            if (
-                self.config.economy
-                and not self._economy
-                and any(s.playout.resampling_allowed for s in self._sessions)
-            ):
+            if self._may_economize():
                 self._set_economy(True, load)
                 return
             if self.config.shed and self._over >= SHED_AFTER:
@@ -838,6 +829,16 @@ class Receiver:
             if self._calm >= LOAD_CALM:
                 self._overloaded = False
                 self._emit("overload_ended", detail=f"mixing takes {load * 100:.0f} % of real time")
+
+    def _may_economize(self) -> bool:
+        """Whether economy may start: on in the config, off now, and a stream that may resample (a
+        converter at ratio 1, not engaged yet, would be as soon as its drift shows: then the gain
+        measured is about 1 and economy ends as the overload does)."""
+        return (
+            self.config.economy
+            and not self._economy
+            and any(s.playout.resampling_allowed for s in self._sessions)
+        )
 
     def _set_economy(self, on: bool, load: float) -> None:
         """Turns every stream's resampling off (``on``: the mixer is overloaded, ``load``) or back on
