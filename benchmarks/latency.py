@@ -74,6 +74,8 @@ QUIET_LOAD = 0.6  # per core: each run waits for the load average to fall below 
 QUIET_WAIT_S = 60.0  # ... but no longer than this (the load is noted either way)
 TARGET_EXTRA_MS = 15.0  # the issue's target: e2e median <= floor median + one frame + 15 ms
 RECEIVER_FIELDS = ("buffer_ms", "target_ms", "latency_ms_p50", "late", "concealed", "skipped", "inserted")
+# Where the receiver's latency goes (its stats' stages, ms): printed with each run, and with a failed check.
+STAGE_FIELDS = tuple(f"stage_{k}_ms" for k in ("capture", "frame", "network", "buffer", "output"))
 
 I16 = npt.NDArray[np.int16]
 F64 = npt.NDArray[np.float64]
@@ -227,7 +229,7 @@ def measure(
         r.recovery_s = float(times[ok][0] - wall_resume_s) if ok.any() else float("inf")
     if mode != "floor":
         sent, received = summaries
-        r.details = {k: received[k] for k in RECEIVER_FIELDS} | {
+        r.details = {k: received[k] for k in (*RECEIVER_FIELDS, *STAGE_FIELDS)} | {
             "backlog_ms": sent["backlog_ms"],
             "capture_dropped_ms": sent.get("capture_dropped_ms", 0.0),
         }

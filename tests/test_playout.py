@@ -235,11 +235,15 @@ class Receiver:
         lookahead: int = 0,
         capture_delay_ns: int = 0,
         output_delay_ns: int = 0,
+        mixed_before_ns: int = 0,
     ) -> None:
         self.clock = ManualClock(start_ns=T0)
         self.playout = StreamPlayout(fmt, fmt, config, self.clock, fec=fec, lookahead_samples=lookahead)
         self.capture_delay_ns = capture_delay_ns  # what the sender reports with every packet
         self.output_delay_ns = output_delay_ns  # what the sink reports with every pull
+        # A mixer's other streams, pulled first in each block, take this long: the pull then runs that much
+        # after the block's time and is given the block's DAC time (as Receiver.fill does).
+        self.mixed_before_ns = mixed_before_ns
         self.fmt = fmt
         self.block = np.zeros((fmt.sample_rate * BLOCK_MS // 1000, fmt.channels), dtype=np.float32)
         self.next_pull = T0 + BLOCK_MS * MS // 2  # the sink's phase is unrelated to the sender's
@@ -288,8 +292,11 @@ class Receiver:
                 if self._next is None and self._end:
                     pb.end()
                 continue
-            clock.now_ns = wake
-            played = pb.pull(self.block, self.output_delay_ns)
+            clock.now_ns = wake + self.mixed_before_ns
+            if self.mixed_before_ns:
+                played = pb.pull(self.block, 0, wake + self.output_delay_ns)
+            else:
+                played = pb.pull(self.block, self.output_delay_ns)
             if played:
                 self.first_audio_ns = self.first_audio_ns or wake
                 if self.record:
@@ -822,7 +829,7 @@ OUTPUT_DELAY_NS = 7 * MS  # how long the sink's device takes from a pull to play
 
 
 @functools.cache
-def clicked_stream() -> tuple[Receiver, int]:
+def clicked_stream(mixed_before_ns: int = 0) -> tuple[Receiver, int]:
     """A stream of silence with an impulse in a few frames (one encoder: a real codec delay), capture
     times stamped at the ADC (a frame and the capture delay before sending), a sink reporting its
     output delay; played to the end, as it ships. Returns the receiver and the encoder's look-ahead."""
@@ -844,15 +851,19 @@ def clicked_stream() -> tuple[Receiver, int]:
         lookahead=lookahead,
         capture_delay_ns=CAPTURE_DELAY_NS,
         output_delay_ns=OUTPUT_DELAY_NS,
+        mixed_before_ns=mixed_before_ns,
     )
     return rx.send(arrivals).run_to_end(), lookahead
 
 
-def test_latency_runs_from_adc_to_dac() -> None:
+@pytest.mark.parametrize("mixed_before_ms", [0, 4])
+def test_latency_runs_from_adc_to_dac(mixed_before_ms: int) -> None:
     # Each click is found in the output and timed: from its ADC time (the capture stamp of its frame, plus
     # its place in the frame) to when the sink's device plays it (the pull that handed it out, plus its
-    # place in the block, plus the output delay). The engine's figure is that, to the sample.
-    rx, lookahead = clicked_stream()
+    # place in the block, plus the output delay). The engine's figure is that, to the sample. With 4 ms
+    # of other streams mixed before this one in every block, it still is: the pull is given the block's
+    # DAC time (before, a stream pulled late in a block of many counted the others' mixing as latency).
+    rx, lookahead = clicked_stream(mixed_before_ms * MS)
     fmt, out = rx.fmt, rx.output().mean(axis=1)
     played_pulls = np.frombuffer(rx.trace.t_ns, dtype=np.int64)[np.frombuffer(rx.trace.played, np.int8) > 0]
     block = len(rx.block)

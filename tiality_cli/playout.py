@@ -297,12 +297,17 @@ class StreamPlayout:
         self._inbox.append(None)
 
     # ---- sink thread ----------------------------------------------------------------------------------
-    def pull(self, out: F32, output_delay_ns: int = 0) -> bool:
+    def pull(self, out: F32, output_delay_ns: int = 0, dac_ns: int | None = None) -> bool:
         """Writes exactly ``len(out)`` samples; returns False when no stream audio was written.
 
         ``output_delay_ns``: the time from this call to the DAC playing ``out[0]`` (the sink's
-        ``delay_ns``), so that ``latency_ms`` reaches the speaker."""
+        ``delay_ns``), so that ``latency_ms`` reaches the speaker. ``dac_ns``, when the caller knows it:
+        the monotonic time ``out[0]`` reaches the DAC, which then wins. A mixer pulling many streams in
+        one device block passes it, so that a stream pulled late in the block is not counted late by
+        the time the streams before it took."""
         now = self.clock.monotonic_ns()
+        if dac_ns is not None:
+            output_delay_ns = dac_ns - now
         if self._policy is not None:
             self._apply_policy(self._policy)
         if self._resampling_wanted == self._exact:

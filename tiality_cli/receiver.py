@@ -721,13 +721,13 @@ class Receiver:
                     solo = True
                     break
             tmp, chunk = self._tmp[:n], self._chunk
-            delay = int(getattr(self.sink, "delay_ns", 0))  # this block's time to the DAC, for latency
+            dac = self._dac_ns()
             for i, s in enumerate(sessions):
                 buf = acc if i == 0 else tmp
                 if n <= chunk:
-                    playing = s.playout.pull(buf, delay) or playing
+                    playing = s.playout.pull(buf, 0, dac) or playing
                 else:
-                    playing = self._pull_burst(s.playout, buf, chunk, delay) or playing
+                    playing = self._pull_burst(s.playout, buf, chunk, dac) or playing
                 heard = not s._muted and (s._solo or not solo)
                 s.fader.apply(buf, s._gain if heard else 0.0, g, idx)
                 if i:
@@ -950,7 +950,15 @@ class Receiver:
             f"of real time (limit {limit:g} %, --max-load){carry}"
         )
 
-    def _pull_burst(self, playout: StreamPlayout, buf: F32, chunk: int, delay_ns: int) -> bool:
+    def _dac_ns(self) -> int:
+        """When this block's first sample reaches the DAC (monotonic), for every stream's latency: the
+        sink's delay from the time it measured it (``delay_at_ns``; else from now)."""
+        sink = self.sink
+        delay = int(getattr(sink, "delay_ns", 0) or 0)
+        at = int(getattr(sink, "delay_at_ns", 0) or 0)
+        return (at or self.clock.monotonic_ns()) + delay
+
+    def _pull_burst(self, playout: StreamPlayout, buf: F32, chunk: int, dac_ns: int) -> bool:
         """Pulls a large block as a burst of device-sized pulls, each stamped with the time its samples
         would have been pulled by a device ending its last pull now (the timeline the playout fits to its
         pulls anyway): its latency control then sees a steady device from the first block on."""
@@ -960,8 +968,8 @@ class Receiver:
         playing = False
         for a in range(0, n, chunk):
             bc.back_ns = (last - a) * 1_000_000_000 // self._out_rate
-            ahead = delay_ns + a * 1_000_000_000 // self._out_rate  # this piece's time to the DAC
-            playing = playout.pull(buf[a : a + chunk], ahead) or playing
+            dac = dac_ns + a * 1_000_000_000 // self._out_rate  # when this piece reaches the DAC
+            playing = playout.pull(buf[a : a + chunk], 0, dac) or playing
         bc.back_ns = 0
         return playing
 

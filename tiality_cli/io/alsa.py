@@ -243,6 +243,7 @@ class AlsaPlayback:
         self.underruns = 0
         self.frames_written = 0
         self.delay_ns = 0  # audio queued in the device after the last write
+        self.delay_at_ns = 0  # when (monotonic) that was read: the next block reaches the DAC at the sum
         self.error: BaseException | None = None
         self._clock = clock
         self._pcm: Any = None
@@ -300,6 +301,7 @@ class AlsaPlayback:
                         continue
                     done += written
                 self.delay_ns = max(0, self.buffer_frames - int(pcm.avail())) * NS // fmt.sample_rate
+                self.delay_at_ns = self._clock.monotonic_ns()
         except BaseException as exc:  # reported through .error: nothing may escape a device thread
             self.error = exc
 

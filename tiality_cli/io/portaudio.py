@@ -221,6 +221,7 @@ class SdPlayback:
         self.underruns = 0
         self.frames_written = 0
         self.delay_ns = 0  # from the callback to the DAC, as PortAudio last reported it
+        self.delay_at_ns = 0  # when (monotonic) the callback read it: the block reaches the DAC at the sum
         self.error: BaseException | None = None
         self._clock = clock
         self._realtime: bool | None = None  # the callback thread's scheduling: None until it first runs
@@ -265,6 +266,7 @@ class SdPlayback:
             self.delay_ns = max(
                 0, self._pa_time.to_local(time.currentTime, now, time.outputBufferDacTime) - now
             )
+            self.delay_at_ns = now
         try:
             if self._fill(outdata):
                 self.frames_written += frames
