@@ -198,6 +198,11 @@ class Trace:
     def buffer(self, start_s: float = -math.inf, stop_s: float = math.inf) -> F64:
         return np.frombuffer(self.buffer_ms)[self.select(start_s, stop_s)]
 
+    def times(self, start_s: float = -math.inf, stop_s: float = math.inf) -> F64:
+        """The pulls' times (stream seconds)."""
+        sel = self.select(start_s, stop_s)
+        return ((np.frombuffer(self.t_ns, dtype=np.int64) - T0) / S)[sel]
+
     def target(self, start_s: float = -math.inf, stop_s: float = math.inf) -> F64:
         return np.frombuffer(self.target_ms)[self.select(start_s, stop_s)]
 
@@ -543,10 +548,14 @@ def test_target_falls_slowly_and_never_exceeds_max_latency() -> None:
     assert tr.buffer(1.0).max() < 200.0 + 25.0  # B at most the cap + the skip threshold (a frame + 5 ms)
     assert st.inserted == 70  # B rose with the target, by 2.5 ms slices (175 ms)
     # Once the jitter has calmed down the target holds while the 10 s window remembers it, then falls by
-    # at most 5 ms per second (25 us per 5 ms pull), to the quiet link's 4 ms of jitter + 3 ms margin +
-    # a sink block.
+    # at most 5 ms per second, to the quiet link's 4 ms of jitter + 3 ms margin + a sink block. (The
+    # controller runs once per decoded frame: each fall is at most 5 ms/s times the time since the last.)
     assert tr.target(10.0, 15.0).min() == 200.0
-    assert np.diff(tr.target(10.0)).min() >= -5.0 * BLOCK_MS / 1000 - 1e-9
+    target, t_s = tr.target(10.0), tr.times(10.0)
+    changed = np.flatnonzero(np.diff(target)) + 1
+    falls = target[changed] - target[changed - 1]
+    since_ms = (t_s[changed] - t_s[np.concatenate(([0], changed[:-1]))]) * 1000
+    assert (falls >= -5.0 * since_ms / 1000 - 1e-9).all() and falls.min() < 0
     assert tr.target(25.0, 25.1).min() > 150.0
     assert tr.target(60.0).min() > 11.5 and tr.target(60.0).max() < 12.5
     # B follows it down by resampling alone (at most 0.5 %: 5 ms/s, as fast as the target may fall),

@@ -279,9 +279,10 @@ class LatencyController:
     """Turns arrivals and pulls into a target for B, B itself, and what to do about the difference.
 
     ``on_arrival`` per packet, ``start`` at each pull until playback starts, ``update`` after each pull
-    that played; between updates the engine reads ``ratio``, ``insert`` and ``drop`` and reports what it
-    did with ``inserted``/``dropped``. ``resampling`` False: no ratio to bend (exact samples out), so the
-    start is frame-aligned and only step corrections steer.
+    that decoded and ``tick`` after each other one that played; between updates the engine reads
+    ``ratio``, ``insert`` and ``drop`` and reports what it did with ``inserted``/``dropped``.
+    ``resampling`` False: no ratio to bend (exact samples out), so the start is frame-aligned and only
+    step corrections steer.
     """
 
     def __init__(self, frame_ns: int, rate: int, policy: TargetPolicy, resampling: bool) -> None:
@@ -299,6 +300,10 @@ class LatencyController:
         self.jitter = JitterWindow(policy.window)
         self.schedule = Schedule(0, 0.0, float(frame_ns))
         self.sink = SinkTimeline(rate)
+        self._offset_seen = math.nan  # the sink's fitted offset at the last update
+        self._floor_seen = 0.0  # ... and the floor, B's state beyond it, and the frame it was measured to
+        self._outside = False
+        self._next_frame = -1
         self.drift = DriftLoop()
         self._last_arrival = 0
         self._clump_sampled = False  # the current clump of arrivals has its jitter sample
@@ -412,9 +417,9 @@ class LatencyController:
             self.target_ns = max(self.desired_ns, self.target_ns - policy.shrink_ns_per_s * dt)
         # B: when does next_frame's first sample play (after this block and the queue), relative to its
         # earliest possible arrival?
-        offset = self.sink.offset
         t = self.sink.due(now, block)
-        step = self.sink.offset - offset
+        offset, self._offset_seen = self._offset_seen, self.sink.offset
+        step = self.sink.offset - offset  # since the last update: pulls in between feed the sink's fit
         if abs(step) > SINK_STEP_NS:
             # The output slipped (an underrun, a device restarted later) and the fit has caught up with it
             # now: B moves by the step at once, which the step corrections take back, but it is no trend
@@ -439,8 +444,29 @@ class LatencyController:
         over, short = err - DEAD_BAND_NS, err + SHORT_BAND_NS
         beyond = (over if over > 0 else short if short < 0 else 0.0) / 1e9  # seconds
         self.steer = max(-MAX_STEER, min(MAX_STEER, KP * beyond))
-        estimate = self.drift.update(now, b, self.floor.value, beyond != 0.0)
+        self._outside = beyond != 0.0
+        self._floor_seen = self.floor.value
+        self._next_frame = next_frame
+        self._track(now, b)
+
+    def tick(self, now: int, block: int) -> None:
+        """After a pull that decoded nothing (three in four with 20 ms frames and 5 ms pulls): B is as
+        ``update`` left it but for the sink's fit, which takes every pull, and the drift loop, whose lower
+        envelope of B is only as good as the pulls it sees, gets this one's. The rest waits for the next
+        ``update``: nothing acts on it before the next decode."""
+        self.sink.due(now, block)
+        if not self.resampling or not self.floor or self._next_frame < 0:
+            return
+        moved = self.sink.offset - self._offset_seen  # u's output side moved with the sink's fit only
+        if abs(moved) > SINK_STEP_NS:
+            return  # the output slipped: the next update sees the step, and restarts the loop
+        self._track(now, self.buffer_ns + moved + (self._floor_seen - self.floor.value))
+
+    def _track(self, now: int, b: float) -> None:
+        """Feeds the drift loop B; on a new estimate, re-times the sender's schedule at the new rate."""
+        estimate = self.drift.update(now, b, self.floor.value, self._outside)
         if estimate is not None:
+            next_frame = self._next_frame
             # Pivot the sender's schedule at the playout position to the new clock rate, re-evaluate m
             # on it, and carry B's resulting step into u (it is not a trend).
             self.schedule.pivot(next_frame, self.frame_ns / (1.0 + estimate))
@@ -448,6 +474,7 @@ class LatencyController:
             m = self.floor.value
             self.floor.rebuild(self.schedule)
             self.drift.moved_ns += self.floor.value - m
+            self._next_frame = -1  # B is measured again on the new schedule before the loop takes more
 
     @property
     def ratio(self) -> float:
