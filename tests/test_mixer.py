@@ -349,6 +349,19 @@ def test_play_time_includes_the_output_delay_the_app_reports() -> None:
     app.close()
 
 
+def test_the_output_delay_the_app_reports_is_in_every_streams_latency() -> None:
+    """latency_ms runs to the DAC: the delay an engine gives fill() counts in it, as in play_time_ns."""
+    p50 = []
+    for delay_ns in (None, 12_000_000):
+        app = AppOutput(ReceiverConfig(listen=False, playout=EXACT))
+        app.add(tone_packets(1000, 1.0), FMT)
+        app.rx.fill(np.zeros((0, 2), np.int16), delay_ns=delay_ns)  # kept for the fills that follow
+        app.run(1.0, 240)
+        p50.append(app.rx.snapshot().latency_ms_p50)
+        app.close()
+    assert p50[1] - p50[0] == pytest.approx(12.0, abs=0.001)
+
+
 # ---- runtime controls -------------------------------------------------------------------------------------
 
 

@@ -950,13 +950,18 @@ class Receiver:
             f"of real time (limit {limit:g} %, --max-load){carry}"
         )
 
+    def _output_delay_ns(self) -> int:
+        """How long the block being filled takes to reach the DAC: what the application gave ``fill``, or
+        else the sink's ``delay_ns``."""
+        delay = self._app_delay_ns
+        return int(getattr(self.sink, "delay_ns", 0) or 0) if delay is None else delay
+
     def _dac_ns(self) -> int:
         """When this block's first sample reaches the DAC (monotonic), for every stream's latency: the
-        sink's delay from the time it measured it (``delay_at_ns``; else from now)."""
-        sink = self.sink
-        delay = int(getattr(sink, "delay_ns", 0) or 0)
-        at = int(getattr(sink, "delay_at_ns", 0) or 0)
-        return (at or self.clock.monotonic_ns()) + delay
+        output delay from the time it was measured (the sink's ``delay_at_ns``; the application's figure,
+        and a sink without one, from now)."""
+        at = int(getattr(self.sink, "delay_at_ns", 0) or 0) if self._app_delay_ns is None else 0
+        return (at or self.clock.monotonic_ns()) + self._output_delay_ns()
 
     def _pull_burst(self, playout: StreamPlayout, buf: F32, chunk: int, dac_ns: int) -> bool:
         """Pulls a large block as a burst of device-sized pulls, each stamped with the time its samples
@@ -1088,11 +1093,8 @@ class Receiver:
                 break
         if ahead is None:
             return None
-        delay = self._app_delay_ns
-        if delay is None:
-            delay = int(getattr(self.sink, "delay_ns", 0) or 0)
         codec_ns = s.algorithm_delay * 1_000_000_000 // s.format.sample_rate
-        mono = origin + pos * 1e9 / self._out_rate + ahead + codec_ns + delay
+        mono = origin + pos * 1e9 / self._out_rate + ahead + codec_ns + self._output_delay_ns()
         return round(mono) + self.clock.wall_ns() - self.clock.monotonic_ns()
 
     @property

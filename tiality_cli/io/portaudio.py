@@ -266,7 +266,7 @@ class SdPlayback:
             self.delay_ns = max(
                 0, self._pa_time.to_local(time.currentTime, now, time.outputBufferDacTime) - now
             )
-            self.delay_at_ns = now
+        self.delay_at_ns = now  # every callback: without times, the last delay counts from now
         try:
             if self._fill(outdata):
                 self.frames_written += frames
