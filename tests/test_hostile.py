@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -138,6 +139,24 @@ def test_a_sender_killed_outright_is_retired_every_time(rx: Receiver) -> None:
         ended = rx.finished[-1]
         assert ended.packets >= 25 and ended.frames_played >= ended.packets - 1  # what arrived was played
     a_good_stream_still_plays(rx.port)
+
+
+def test_streams_ending_together_are_answered_once_played_without_a_thread_each(
+    rx: Receiver, opus_packets: list[bytes]
+) -> None:
+    """Each stream's answer still waits for its audio to play (its totals count every frame), but no
+    thread waits for it: 8 streams ending together started 8 executor threads (64 senders, 64 threads,
+    while the others' last packets arrived)."""
+
+    def rpc_threads() -> int:
+        return sum(t.name.startswith("tiality-rpc") for t in threading.enumerate())
+
+    before = rpc_threads()
+    msgs = [format_msg()] + [packet(i, opus_packets[i]) for i in range(25)]
+    with ThreadPoolExecutor(8) as pool:
+        summaries = list(pool.map(lambda _: stream(rx.port, paced(msgs)), range(8)))
+    assert [(s.packets, s.frames_played, s.lost) for s in summaries] == [(25, 25, 0)] * 8
+    assert rx.streams_ended == 8 and rpc_threads() == before
 
 
 def test_a_first_message_that_is_not_the_format_is_refused(rx: Receiver, opus_packets: list[bytes]) -> None:

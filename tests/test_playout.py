@@ -507,6 +507,23 @@ def test_an_output_underrun_is_not_taken_for_drift(slip_ms: float, wake_ms: floa
     assert st.skipped_ms <= slip_ms + 2 * SLICE_NS / 1e6
 
 
+def test_a_backlog_goes_in_a_few_cuts_not_a_slice_a_frame() -> None:
+    # The output falls 100 ms behind at 4 s (a connect burst held the mixer up; an xrun) and plays on
+    # from there: every stream then holds 100 ms more than its target. Beyond 20 ms over, the excess
+    # goes in one cut per frame (up to all but a slice of it), not a 2.5 ms slice per frame: measured,
+    # 6 cuts and back within 4.5 ms of the target by 5.7 s, where a slice a frame took 46 cuts (each a
+    # search for where to cut, in every stream of a mixer that is already behind) and until 6.5 s.
+    rx = Receiver(config=PlayoutConfig(), sink_slip=(4.0, 100.0), wake_ms=3.0)
+    st = rx.send(transmit(Sender(), range(1000), Network(jitter_ms=2.0))).run_to_end().playout.stats
+    assert (st.late, st.concealed, st.frames_played) == (0, 0, 1000)
+    assert st.skipped <= 8 and 80.0 < st.skipped_ms <= 100.0, (st.skipped, st.skipped_ms)
+    t, err = rx.trace.times(4.0), rx.trace.error(4.0)
+    assert err.max() > 90.0 and t[err > 4.5].max() < 5.8
+    assert np.abs(rx.trace.drift()).max() < 20.0  # a step, not a clock running fast
+    before, after = steady_latency(rx, 2.0, 4.0), steady_latency(rx, 15.0, 20.0)
+    assert -0.5 < after - before < DEAD_BAND_NS / 1e6 + 0.5, (before, after)
+
+
 def _jittery(rng: random.Random, schedule: Callable[[float], float]) -> Callable[[int], float]:
     """Extra delay for packet k: uniform in [0, schedule(stream time of k)] ms."""
     return lambda k: rng.uniform(0.0, schedule(k * STEREO_48K.frame_ms / 1000))
@@ -981,6 +998,7 @@ def test_resampler_is_bypassed_at_ratio_one_and_engages_seamlessly(resampler: st
     first other ratio engages the converter, primed with what was written, so a continuous 7 kHz sine
     stays continuous across the switch: its largest second difference is the ideal sine's."""
     pb = StreamPlayout(STEREO_48K, STEREO_48K, PlayoutConfig(resampler=resampler), ManualClock(start_ns=T0))
+    pb._engage_after = 0  # as past the stream's first second (see the test below)
     n = STEREO_48K.frame_samples
     t = np.arange(12 * n) / 48_000
     sine = (0.5 * np.sin(2 * np.pi * 7000 * t)).astype(np.float32)
@@ -1005,6 +1023,24 @@ def test_resampler_is_bypassed_at_ratio_one_and_engages_seamlessly(resampler: st
     assert abs(len(y) - 6 * n - 6 * n / 1.0002) <= 40
 
 
+def test_a_streams_first_second_does_not_engage_the_converter() -> None:
+    """The phase term alone does not engage the converter while the stream has played less than a second
+    (a burst of senders would engage every one at once): its samples go out exact, and the drift loop
+    is told nothing moved. From the first second on, the same ratio engages it."""
+    pb = StreamPlayout(STEREO_48K, STEREO_48K, PlayoutConfig(), ManualClock(start_ns=T0))
+    n = STEREO_48K.frame_samples
+    pb.control.steer = 2e-4
+    pb.decoder.output[:n] = 1000
+    moved = pb.control.drift.moved_ns
+    pb._handed = pb._engage_after - 1
+    pb._append(n)
+    assert not pb._resampling and pb._tail == n and pb._due == n
+    assert pb.control.drift.moved_ns == moved and pb.control.steered_ns == 0.0
+    pb._handed = pb._engage_after
+    pb._append(n)
+    assert pb._resampling and pb.control.steered_ns > 0.0  # fewer samples out: B lower
+
+
 @pytest.mark.parametrize(
     ("resampler", "hz", "steer"),
     [
@@ -1024,6 +1060,7 @@ def test_resampling_turns_off_and_on_seamlessly(resampler: str, hz: int, steer: 
     (7 kHz: 0.23 dB, 12 kHz: 0.69 dB; measured at the steepest ratio 0.18 and 0.56 dB, and without the
     frame at ratio 1 first, 5-10 dB)."""
     pb = StreamPlayout(STEREO_48K, STEREO_48K, PlayoutConfig(resampler=resampler), ManualClock(start_ns=T0))
+    pb._engage_after = 0  # as past the stream's first second
     n = STEREO_48K.frame_samples
     frames = 24
     t = np.arange(frames * n) / 48_000

@@ -31,6 +31,10 @@ SHORT_BAND_NS = 1e6  # ... and this far short of it (short risks late packets; o
 INSERT_BELOW_NS = 3e6  # B this far short: conceal a slice more at the next frame boundary
 DROP_ABOVE_NS = DEAD_BAND_NS + SLICE_NS  # B this far over: drop a slice at the next quiet point
 URGENT_ABOVE_NS = 10e6  # this far over (beyond what resampling drains in a second or two): quiet or not
+# This far over, the excess is a backlog no jitter explains (an output that fell behind, a connect burst
+# that held the mixer up): it goes in one cut per frame, of up to all but a slice of it, not a slice a
+# frame (which drains a 100 ms backlog in 0.8 s, searching every frame of every stream for where to cut).
+CATCH_UP_ABOVE_NS = 20e6
 MAX_DRIFT = 0.002  # clamp on the drift estimate: 0.2 % (2000 ppm) is far beyond any sound card
 MAX_STEER = 0.005  # clamp on the phase term: 0.5 % (8.6 cents) drains 5 ms a second, inaudibly
 FLL_BLOCK_NS = 2_000_000_000  # the drift estimator compares the lowest B in the halves of blocks this long
@@ -320,7 +324,7 @@ class LatencyController:
         self.steered_ns = 0.0  # what the phase term has moved B by (+: lowered it)
         # Decisions for the next frame boundary (each taken at most once per update):
         self.insert = 0  # samples of concealment to add before the next frame
-        self.drop = 0  # samples to drop from the next decoded frame, at a quiet point
+        self.drop = 0  # samples to drop from the next frame: a slice at a quiet point, or more (a catch-up)
         self.urgent = False  # drop even if the frame has no quiet point
 
     # ---- arrivals -------------------------------------------------------------------------------------
@@ -432,7 +436,10 @@ class LatencyController:
         self.buffer_ns, self.error_ns = b, err
         # Steps: raise B at once, a slice per frame; lower it at quiet points, or anywhere when far over.
         self.insert = self.slice if err < -INSERT_BELOW_NS else 0
-        self.drop = self.slice if err > DROP_ABOVE_NS else 0
+        if err > CATCH_UP_ABOVE_NS:
+            self.drop = int((err - DEAD_BAND_NS) * self.rate / 1e9)  # back to the dead band's edge
+        else:
+            self.drop = self.slice if err > DROP_ABOVE_NS else 0
         self.urgent = err > URGENT_ABOVE_NS
         if not self.resampling:
             return

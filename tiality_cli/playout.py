@@ -89,6 +89,11 @@ F32 = npt.NDArray[np.float32]
 QUIET = 328  # int16 peak below -40 dBFS: a slice this quiet is dropped unheard
 MARKS = 64  # latency markers in flight (decoded frames in the FIFO): far more than a pull ever needs
 PRIME = 256  # samples of history the resampler is primed with when it engages (its filter needs ~20)
+# A stream's first second is steered by the steps alone: the phase term does not engage the converter
+# (no drift estimate exists that early, and B settles by steps as well). Engaged, it stays engaged, so a
+# burst of senders connecting at once would otherwise engage nearly every stream's converter while the
+# mixer is busiest (64 at once: 15-20 % of a core more for that burst, before economy can turn it off).
+ENGAGE_AFTER_S = 1.0
 # Output samples by which a libsamplerate converter lags its input (the sinc ones hold samples back
 # instead: those are counted when it engages; see StreamPlayout._engage).
 LAG = {"linear": 1, "zero_order_hold": 1}
@@ -239,6 +244,7 @@ class StreamPlayout:
         # cost (sinc_fastest: twice the Opus decode). The first ratio other than 1 engages it for good,
         # primed with the audio already written, so that the switch is seamless (see _engage).
         self._resampling = False
+        self._engage_after = round(ENGAGE_AFTER_S * output.sample_rate)  # samples handed (see ENGAGE_AFTER_S)
         # Exact mode (set_resampling(False): the receiver is short of CPU): drift is corrected by the step
         # corrections alone, the resampler left out; switching either way is seamless (see _disengage).
         self._exact = False
@@ -468,7 +474,7 @@ class StreamPlayout:
                 n, capture = dec.conceal(self._frame_out), 0
                 st.concealed += 1
             elif ctl.drop and not self._trim:
-                cut = self._find_cut(n, ctl.urgent)
+                cut = self._find_cut(n, ctl.urgent, ctl.drop)
                 if cut is not None:
                     ctl.dropped(cut[1])
                     st.skipped += 1
@@ -491,15 +497,20 @@ class StreamPlayout:
         i = seq & self._mask
         self._append(n, capture, self._arrival[i], self._capture_delay[i], cut)
 
-    def _find_cut(self, n: int, urgent: bool) -> tuple[int, int] | None:
+    def _find_cut(self, n: int, urgent: bool, want: int = 0) -> tuple[int, int] | None:
         """Where to drop a slice from the decoded frame: (start, length), or None to wait for quiet.
 
         The quietest pair of adjacent slices is where: if it is below QUIET, its first slice goes; if
         not (and ``urgent``), a stretch of half a slice to a slice whose end best matches its start
         (normalised cross-correlation: for voiced sound, a whole number of pitch periods), so that the
         crossfade over the following slice joins like with like. A frame of one slice goes whole.
+        ``want`` more than a slice (a catch-up): that much, up to all but a slice of the frame, from its
+        start, crossfaded over the slice after the cut; no search, which would cost every stream of an
+        overloaded mixer a search per frame.
         """
         size = self._slice
+        if want > size and n >= 2 * size:
+            return (0, min(want, n - size))
         x = self.decoder.output[:n]
         if n < 2 * size:
             return (0, n) if urgent or max(int(x.max()), -int(x.min())) < QUIET else None
@@ -565,6 +576,8 @@ class StreamPlayout:
             self._disengage(f)
         elif self._resampler is not None and not self._exact:
             ratio = self.control.ratio
+            if not self._resampling and self._handed < self._engage_after:
+                ratio = 1.0  # exact samples until the converter may engage (ENGAGE_AFTER_S)
             if self._resampling or ratio != 1.0:
                 skip = 0 if self._resampling else self._engage()
                 m = self._resampler.process(f, ratio)

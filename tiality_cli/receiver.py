@@ -129,6 +129,10 @@ class ReceiverConfig:
         return AudioFormat(self.output_rate or 48_000, self.output_channels or 2)
 
 
+def _nothing() -> None:
+    pass
+
+
 def gain_from_db(db: float, what: str = "gain") -> float:
     """dB to a linear gain: silence at or below -120 dB (or -inf), ConfigError above +24 dB or for NaN."""
     if math.isnan(db) or db > MAX_GAIN_DB:
@@ -240,6 +244,8 @@ class Session:
     _muted: bool = False
     _solo: bool = False
     _done: threading.Event = field(default_factory=threading.Event)  # played out, or the receiver stopped
+    _on_done: list[Callable[[], None]] = field(default_factory=list)  # end()'s callbacks, until _done
+    _done_lock: threading.Lock = field(default_factory=threading.Lock)
     # Why the receiver ended this stream to keep up with the others (the transport ends the call with it).
     evicted: str | None = None
     closing: bool = False  # the sender has closed the stream (its buffered audio is playing out)
@@ -289,11 +295,34 @@ class Session:
         self.clock_offset_ns = estimate.offset_ns
         self.clock_round_trip_ns = estimate.round_trip_ns
 
+    def end(self, on_done: Callable[[], None]) -> None:
+        """The sender closed (or vanished): play what arrived, and call ``on_done`` (from the mixer's
+        thread, or at once) when it has played, or nothing will play it. close() then answers at once:
+        an asynchronous transport waits without a thread per ending stream."""
+        with self._done_lock:
+            if not self._done.is_set():
+                self._on_done.append(on_done)
+                on_done = _nothing
+        on_done()
+        self._end()
+
+    def _end(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.playout.end()
+            self.set_tap(None)
+
+    def _finished(self) -> None:
+        """Played out, ended by the receiver, or the receiver stopped: close() may answer."""
+        with self._done_lock:
+            self._done.set()
+            callbacks, self._on_done = self._on_done, []
+        for fn in callbacks:
+            fn()
+
     def close(self) -> StreamTotals:
         """The sender closed (or vanished): play what arrived, then answer with the totals."""
-        self.closing = True
-        self.playout.end()
-        self.set_tap(None)
+        self._end()
         # Answer once the buffered audio has been played, so the summary counts all of it.
         self._done.wait(timeout=self.drain_s)
         st = self.playout.stats
@@ -552,7 +581,7 @@ class Receiver:
         with self._lock:
             live = self._sessions
         for s in live:
-            s._done.set()  # their close() answers at once: nothing will play them any more
+            s._finished()  # their close() answers at once: nothing will play them any more
         if self._service is not None:
             self._service.close(timeout_s=3.0)
             self._service = None
@@ -902,7 +931,7 @@ class Receiver:
                 s.evicted = reason
                 self.finished.append(s.stats)
                 self.streams_ended += 1
-                s._done.set()  # its close() answers at once: its buffered audio is not played
+                s._finished()  # its close() answers at once: its buffered audio is not played
                 self._emit("stream_ended", s, detail=f"shed: {text}")
             self.streams_shed += n
             self._emit(
@@ -999,7 +1028,7 @@ class Receiver:
                 if s.playout.state == State.FINISHED:
                     self.finished.append(s.stats)
                     self.streams_ended += 1
-                    s._done.set()
+                    s._finished()
                     self._emit("stream_ended", s, detail=detail)
                 else:
                     keep.append(s)

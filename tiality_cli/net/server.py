@@ -314,13 +314,26 @@ class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
             _deliver(msg, handler)
         with self._lock:
             self._calls[task] = False  # the sender is done: let its answer go out
-        # close() waits for the stream's audio to play out: off the loop. When the receiver stops, it
-        # has released its streams already, and the call ends as cancelled (as a synchronous server's
-        # cancel() ends it) rather than waiting for the server's grace period.
+        # close() waits for the stream's audio to play out, which must not block the loop. The receiver's
+        # Session says when it has played (end()): no thread per ending stream, where 64 senders ending
+        # together would start 64 threads while the others' last packets arrive. Another handler's
+        # close() runs on an executor thread. When the receiver stops, it has released its streams
+        # already, and the call ends as cancelled (as a synchronous server's cancel() ends it) rather
+        # than waiting for the server's grace period.
         # Shielded: a sender that vanished has its call cancelled by gRPC about now, and a cancelled
-        # executor future that has not started never runs: the stream would play on (concealing) for good.
-        closing = asyncio.get_running_loop().run_in_executor(None, handler.close)
-        totals = await asyncio.shield(closing)
+        # executor future that has not started never runs: the stream would play on (concealing) for good
+        # (end() has queued the end before any wait, so the Session finishes either way).
+        loop = asyncio.get_running_loop()
+        end = getattr(handler, "end", None)
+        played: asyncio.Future[None] = loop.create_future()
+        if end is not None:
+            end(lambda: _resolve_threadsafe(loop, played))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(played), getattr(handler, "drain_s", 2.2))
+        if played.done():
+            totals = handler.close()  # at once: its audio has played
+        else:
+            totals = await asyncio.shield(loop.run_in_executor(None, handler.close))
         if ended is not None:
             await context.abort(*ended)
         return totals_to_pb(totals)
@@ -329,6 +342,17 @@ class _AioServicer(_Service, pb_grpc.AudioStreamServicer):
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(call.cancel)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _resolve_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """Resolves ``future`` from any thread (the mixer's); nothing once the loop has closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_resolve, future)
 
 
 class AudioService:
