@@ -740,6 +740,7 @@ class StreamPlayout:
         self._exact = not on
         self._settle = 0 if on else 1
         ctl.resampling = on
+        ctl.economy = not on
         ctl.steer = 0.0
         if on:  # the drift loop missed B's course meanwhile: it starts again (the estimate is kept)
             ctl.drift.restart()
