@@ -71,7 +71,9 @@ class StreamHandler(Protocol):
 
     A handler may also have ``evicted``: set (to the reason) when the receiver ends the stream itself to
     keep up with the others; the transport then ends the call with RESOURCE_EXHAUSTED and that reason
-    at the next message. (An application's own handler without it is never ended that way.)"""
+    at the next message. (An application's own handler without it is never ended that way.) And it may
+    have ``end(on_done)``: the stream ended, ``on_done()`` (any thread) once its audio has played, after
+    which ``close()`` answers at once; an asynchronous transport then waits without a thread."""
 
     def packet(self, seq: int, capture_ns: int, payload: bytes, capture_delay_ns: int) -> None: ...
 
