@@ -31,7 +31,7 @@ SHORT_BAND_NS = 1e6  # ... and this far short of it (short risks late packets; o
 INSERT_BELOW_NS = 3e6  # B this far short: conceal a slice more at the next frame boundary
 DROP_ABOVE_NS = DEAD_BAND_NS + SLICE_NS  # B this far over: drop a slice at the next quiet point
 URGENT_ABOVE_NS = 10e6  # this far over (beyond what resampling drains in a second or two): quiet or not
-EXACT_PATIENCE_NS = 1_000_000_000  # economy: B a step over for this long is cut, quiet or not
+ECONOMY_PATIENCE_NS = 1_000_000_000  # economy: B a step over for this long is cut, quiet or not
 # This far over, the excess is a backlog no jitter explains (an output that fell behind, a connect burst
 # that held the mixer up): it goes in one cut per frame, of up to all but a slice of it, not a slice a
 # frame (which drains a 100 ms backlog in 0.8 s, searching every frame of every stream for where to cut).
@@ -451,7 +451,7 @@ class LatencyController:
             # for one let B ride up to 10 ms over the target on sound without one, searching every
             # frame. (Without drift compensation at all, as for a file, B is left where it starts.)
             self._over_since = self._over_since or now
-            self.urgent = self.urgent or now - self._over_since >= EXACT_PATIENCE_NS
+            self.urgent = self.urgent or now - self._over_since >= ECONOMY_PATIENCE_NS
         else:
             self._over_since = 0
         if not self.resampling:

@@ -129,10 +129,6 @@ class ReceiverConfig:
         return AudioFormat(self.output_rate or 48_000, self.output_channels or 2)
 
 
-def _nothing() -> None:
-    pass
-
-
 def gain_from_db(db: float, what: str = "gain") -> float:
     """dB to a linear gain: silence at or below -120 dB (or -inf), ConfigError above +24 dB or for NaN."""
     if math.isnan(db) or db > MAX_GAIN_DB:
@@ -300,10 +296,11 @@ class Session:
         thread, or at once) when it has played, or nothing will play it. close() then answers at once:
         an asynchronous transport waits without a thread per ending stream."""
         with self._done_lock:
-            if not self._done.is_set():
+            done = self._done.is_set()
+            if not done:
                 self._on_done.append(on_done)
-                on_done = _nothing
-        on_done()
+        if done:
+            on_done()
         self._end()
 
     def _end(self) -> None:
