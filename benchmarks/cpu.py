@@ -1068,7 +1068,9 @@ def machine_notes(load: tuple[float, float, float]) -> str:
 
 def report(res: Results, argv: list[str], started: datetime.datetime) -> list[str]:
     p = res.plan
-    command = " ".join(["nice -n 5 python -m benchmarks.cpu", *argv]).strip()
+    niceness = os.nice(0)  # as it ran: the table must not claim a nice it did not have
+    prefix = f"nice -n {niceness} " if niceness else ""
+    command = " ".join([f"{prefix}python -m benchmarks.cpu", *argv]).strip()
     return [
         f"Measured {started.strftime('%Y-%m-%d %H:%M %Z')} with `{command}`: {p.runs} run(s), medians over "
         f"runs. Steady windows: {p.window_s:g} s after the stream's packets reach the receiver plus "

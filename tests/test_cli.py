@@ -138,6 +138,20 @@ def test_bad_send_options_fail_before_connecting(args: list[str], code: int, mes
     assert message in one_error_line(proc)
 
 
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("null", "'null': unknown scheme; use one of alsa://DEVICE, sd://DEVICE, file:PATH.wav, null://"),
+        ("tone://440", "'tone://440': tone:// is an input, not an output"),
+    ],
+)
+def test_a_bad_output_names_the_outputs_there_are(output: str, message: str) -> None:
+    """recv's list of schemes is the outputs': not tone:// (an input), and with null://."""
+    proc = run("recv", "--port", str(free_port()), "--bind", "127.0.0.1", "-o", output)
+    assert proc.returncode == 2
+    assert one_error_line(proc) == f"tiality: {message}"
+
+
 def test_a_file_that_is_not_wav_is_refused(tmp_path: Path) -> None:
     notes = tmp_path / "notes.wav"
     notes.write_text("not audio at all")
@@ -160,6 +174,61 @@ def test_malformed_host_port_is_refused(target: str, message: str) -> None:
     proc = run("send", target, "-i", "tone://440")
     assert proc.returncode == 2
     assert message in one_error_line(proc)
+
+
+def test_a_summary_written_to_a_pipe_is_not_cut_at_80_columns(
+    receiver_cli: tuple[subprocess.Popen[str], int],
+) -> None:
+    """Rich gives a pipe 80 columns and cut the summary's rows with an ellipsis ("dropped (backlog …");
+    without COLUMNS a pipe now gets whole rows."""
+    _, port = receiver_cli
+    env = {k: v for k, v in ENV.items() if k != "COLUMNS"}
+    sent = subprocess.run(
+        [*TIALITY, "send", f"127.0.0.1:{port}", "-i", "tone://440", "--seconds", "0.4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert sent.returncode == 0, sent.stderr
+    rows = {ln.strip().split("  ")[0]: ln.strip() for ln in sent.stdout.splitlines() if ln.strip()}
+    assert "…" not in sent.stdout, sent.stdout
+    assert re.fullmatch(r"dropped \(backlog full\) +0 \(0\.0%\)", rows["dropped (backlog full)"]), sent.stdout
+    assert re.fullmatch(r"receiver: concealed +0 \(0\.0% of 20 played\)", rows["receiver: concealed"]), rows
+
+
+def test_a_quiet_sender_says_on_stderr_that_it_cannot_reach_its_receiver_and_when_it_can() -> None:
+    """``send -q`` printed nothing while it retried (a robot's journal showed no reason for the silence):
+    one stderr line when the outage starts, one when it streams again; the audio after that is whole."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*TIALITY, "send", f"127.0.0.1:{port}", "-i", "tone://440", "-q", "--seconds", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    rx = Receiver(NullSink(), ReceiverConfig(port=port, bind="127.0.0.1"))
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # the first failed attempt: no receiver yet
+        rx.start()
+        second = proc.stderr.readline()
+        out, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        rx.stop()
+    assert first == (
+        f"tiality send: warning: cannot reach 127.0.0.1:{port}: connection refused (is `tiality recv` "
+        "running there?); retrying until it answers\n"
+    )
+    assert re.fullmatch(
+        rf"tiality send: streaming to 127\.0\.0\.1:{port} again \(after \d+ failed attempt\(s\)\)\n", second
+    )
+    assert proc.returncode == 0 and rest == "", rest
+    assert re.search(r"packets_sent=50 .*receiver_packets=50 receiver_lost=0 ", out), out
 
 
 def test_recv_json_lines_and_summary(receiver_cli: tuple[subprocess.Popen[str], int]) -> None:

@@ -167,6 +167,42 @@ def test_a_first_message_that_is_not_the_format_is_refused(rx: Receiver, opus_pa
     a_good_stream_still_plays(rx.port)
 
 
+def test_grpcs_own_concurrency_cap_reads_as_a_busy_receiver() -> None:
+    """A flood beyond the calls a receiver answers itself meets gRPC's cap ("Concurrent RPC limit
+    exceeded!"); the sender says what it means instead: a real server capped at one call, one held."""
+    held, release = threading.Event(), threading.Event()
+
+    class Holding(pb_grpc.AudioStreamServicer):
+        def Clock(self, request: pb.ClockProbe, context: object) -> pb.ClockReply:
+            raise NotImplementedError  # the test opens streams only
+
+        def Stream(self, request_iterator: Iterator[pb.StreamMessage], context: object) -> pb.StreamSummary:
+            held.set()
+            release.wait(10)
+            return pb.StreamSummary()
+
+    server = grpc.server(ThreadPoolExecutor(2), maximum_concurrent_rpcs=1)
+    pb_grpc.add_AudioStreamServicer_to_server(Holding(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.AudioStreamStub(channel)
+            first = stub.Stream.future(iter([format_msg()]))
+            assert held.wait(10)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Stream(iter([format_msg()]), timeout=10)
+            release.set()
+            first.result(10)
+    finally:
+        release.set()
+        server.stop(None)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    err = map_rpc_error(info.value, "rx")
+    assert isinstance(err, RejectedError)
+    assert str(err) == "rx refused the stream: receiver busy: more senders at once than it takes"
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [

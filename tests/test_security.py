@@ -220,19 +220,23 @@ def test_mutual_tls_requires_a_client_certificate(pki: dict[str, Path]) -> None:
     assert known.returncode == 0, known.stderr
 
 
-def test_an_open_port_without_protection_is_warned_about() -> None:
+def test_an_open_port_without_protection_is_warned_about_in_one_line() -> None:
+    """One line whatever the width (no COLUMNS: Rich wrapped it at 80, mid-sentence, for a log)."""
     proc = subprocess.Popen(
         [*TIALITY, "recv", "--port", "0", "--bind", "0.0.0.0", "-o", "null://", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env={k: v for k, v in ENV.items() if k != "COLUMNS"},
     )
     assert proc.stderr is not None
     first = proc.stderr.readline()
     proc.terminate()
     proc.communicate(timeout=20)
-    assert "warning: listening on 0.0.0.0 with neither --token nor TLS" in first
+    assert first == (
+        "tiality: warning: listening on 0.0.0.0 with neither --token nor TLS: anyone who can reach this "
+        "port can play audio here (see docs/security.md)\n"
+    )
 
 
 def test_exclusive_receiver_refuses_a_second_sender() -> None:

@@ -437,6 +437,7 @@ class Receiver:
         self.finished: list[ReceiverStats] = []  # stats of ended streams, for the summary
         self.streams_started = 0
         self.streams_shed = 0  # ended by the receiver to keep up with the others (see ReceiverConfig.shed)
+        self.streams_refused = 0  # senders turned away before playing (busy, over capacity, a bad token...)
         self.streams_ended = 0
         self.port = 0
         self._sessions: tuple[Session, ...] = ()
@@ -971,6 +972,8 @@ class Receiver:
         streams = round(self._load_mean_streams)
         state = "overloaded" if load > limit else "at capacity"
         carry = f"; it carries about {cap}" if cap is not None else ""
+        if carry and self._economy:  # capacity counts each stream as it costs resampling: say so
+            carry += " with resampling for clock drift, now off to save CPU"
         return (
             f"receiver {state}: mixing {streams} sender{'s' if streams != 1 else ''} takes {load:.0f} % "
             f"of real time (limit {limit:g} %, --max-load){carry}"
@@ -1045,6 +1048,8 @@ class Receiver:
         )
 
     def _refused(self, peer: str, reason: str) -> None:
+        with self._lock:  # a shared synchronous server refuses on its pool's threads
+            self.streams_refused += 1
         self._emit("sender_refused", peer=peer, detail=reason)
 
     # ---- the transport's side -----------------------------------------------------------------------

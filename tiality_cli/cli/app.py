@@ -286,6 +286,7 @@ def _default_output() -> str:
         "  tiality recv -o null:// --json                   # figures only, JSON lines\n\n"
         "  tiality recv --once -o file:one-stream.wav       # exit when the first stream ends\n\n"
         "  tiality recv --record session.opus               # keep the received packets (Ogg Opus)\n\n"
+        "  tiality recv --max-senders 64 --max-load 70      # many robots; mix within 70 % of real time\n\n"
         "  TIALITY_PORT=50060 tiality recv                  # or \\[recv] port = 50060 in tiality.toml"
     ),
 )
@@ -417,6 +418,7 @@ def recv(
                 "this port can play audio here (see docs/security.md)",
                 markup=False,
                 highlight=False,
+                soft_wrap=True,  # one line, whatever the width: scripts and logs read it whole
             )
         config = ReceiverConfig(
             port=port,
@@ -504,10 +506,11 @@ def demo(
                 json_line(snap.as_dict(), event="summary", output=path, played_s=round(played, 3)), flush=True
             )
             return
-        from rich.console import Console
+        from tiality_cli.cli.common import out_console
 
-        Console().print(receiver_table(snap, title="tiality demo: summary"))
-        Console().print(f"wrote {path}: {played:.2f} s of received audio", markup=False, highlight=False)
+        console = out_console()
+        console.print(receiver_table(snap, title="tiality demo: summary"))
+        console.print(f"wrote {path}: {played:.2f} s of received audio", markup=False, highlight=False)
 
     guarded(body)
 

@@ -24,10 +24,25 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _stderr() -> Console:
+PIPE_WIDTH = 200  # a summary or listing written to a pipe or a file: whole lines, not cut at 80 columns
+
+
+def out_console() -> Console:
+    """The console for tables and summaries on stdout. Rich gives a non-terminal 80 columns and cuts each
+    wider row with an ellipsis; a pipe or a file gets PIPE_WIDTH instead, unless COLUMNS says."""
+    import sys
+
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=PIPE_WIDTH if wide else None)
+
+
+def _stderr() -> Console:
+    """stderr's console: warnings and failures are one line each, never wrapped (logs grep them whole)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

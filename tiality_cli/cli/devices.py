@@ -65,9 +65,9 @@ def devices(
 
             print(json.dumps(listing.as_dict(), indent=2))
             return
-        from rich.console import Console
+        from tiality_cli.cli.common import out_console
 
-        console = Console()
+        console = out_console()
         for table in device_tables(listing):
             console.print(table)
 
@@ -222,9 +222,9 @@ def loopback(
 
             print(json.dumps(out, indent=2))
         else:
-            from rich.console import Console
+            from tiality_cli.cli.common import out_console
 
-            Console().print(result_table(result))
+            out_console().print(result_table(result))
         if verdict.status != "pass":  # on stderr, also with --json: the figures stay parseable
             from tiality_cli.cli.common import _stderr
 

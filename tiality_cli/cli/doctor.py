@@ -184,9 +184,9 @@ def doctor(
 
         print(json.dumps(report.as_dict(), indent=2), flush=True)
     else:
-        from rich.console import Console
+        from tiality_cli.cli.common import out_console
 
-        console = Console()
+        console = out_console()
         console.print(checks_table(report))
         console.print(latency_table(report))
         console.print(summary_line(report), markup=False, highlight=False)

@@ -337,6 +337,29 @@ class StateLog:
         return c.state
 
 
+class OutageLines:
+    """With ``--quiet`` or ``--json`` (no state log shown), a sender that cannot reach its receiver says so
+    on stderr once per outage, and once when it streams again: a robot's journal shows why nothing was
+    heard, not a silent retry loop. Wraps the state listener it is given (the sender's threads)."""
+
+    def __init__(self, then: Callable[[StateChange], None], prefix: str = "tiality send") -> None:
+        self._then = then
+        self._prefix = prefix
+        self._down: StateChange | None = None  # the first failed attempt of the outage in progress
+
+    def __call__(self, change: StateChange) -> None:
+        self._then(change)
+        if change.state == "reconnecting" and self._down is None:
+            self._down = change
+            self._say(f"warning: {change.reason}; retrying until it answers")  # the reason names the target
+        elif change.state == "streaming" and self._down is not None:
+            self._down = None
+            self._say(f"streaming to {change.target} again (after {change.attempt} failed attempt(s))")
+
+    def _say(self, text: str) -> None:
+        print(f"{self._prefix}: {text}", file=sys.stderr, flush=True)
+
+
 def run_sender(
     sender: Sender,
     stop: threading.Event,
@@ -352,6 +375,8 @@ def run_sender(
     """
     log = StateLog()
     sender.on_state = log.add
+    if quiet or json_:  # the log is not shown: an outage still gets one line on stderr each way
+        sender.on_state = OutageLines(log.add)
     ended = threading.Event()
 
     def on_end() -> None:
@@ -395,9 +420,9 @@ def run_sender(
     elif quiet:
         print(send_summary_line(summary), flush=True)
     else:
-        from rich.console import Console
+        from tiality_cli.cli.common import out_console
 
-        Console().print(send_summary(summary))
+        out_console().print(send_summary(summary))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,6 +437,7 @@ def receiver_fields(receiver: Receiver, snap: StatsSnapshot, played_s: float) ->
         "muted": receiver.muted,
         "streams_started": receiver.streams_started,
         "streams_shed": receiver.streams_shed,
+        "streams_refused": receiver.streams_refused,
         "load_pct": None if receiver.load_pct is None else round(receiver.load_pct, 1),
         "capacity": receiver.capacity,
         "overloaded": receiver.overloaded,
@@ -435,15 +461,58 @@ def volume_keys(receiver: Receiver) -> dict[str, Callable[[], None]]:
     return {"m": toggle, "M": toggle, "+": up, "=": up, "-": down, "_": down}
 
 
+class RefusalLines:
+    """Refused senders on stderr, one line per burst: the first at once, with its peer and reason; the
+    rest of the burst (REFUSAL_QUIET_S after that line) counted, in one more line when it is over. A
+    flood of senders must not flood the operator's terminal, yet every refusal is told."""
+
+    QUIET_S = 5.0
+
+    def __init__(self, write: Callable[[str], None], quiet_s: float = QUIET_S) -> None:
+        self._write = write
+        self._quiet_s = quiet_s
+        self._lock = threading.Lock()
+        self._held = 0  # refusals since the last line
+        self._reason = ""  # the last of them
+        self._timer: threading.Timer | None = None
+
+    def refused(self, peer: str, reason: str) -> None:
+        with self._lock:
+            if self._timer is not None:  # within a burst: told when it is over
+                self._held += 1
+                self._reason = reason
+                return
+            self._timer = threading.Timer(self._quiet_s, self.flush)
+            self._timer.daemon = True
+            self._timer.start()
+        self._write(f"tiality recv: refused a sender ({peer}): {reason}")
+
+    def flush(self) -> None:
+        """Tells the burst's count (the timer, or the receiver's end) and starts a new burst."""
+        with self._lock:
+            held, reason, timer = self._held, self._reason, self._timer
+            self._held, self._timer = 0, None
+        if timer is not None:
+            timer.cancel()
+        if held:
+            s = "s" if held != 1 else ""
+            self._write(f"tiality recv: refused {held} more sender{s} in that burst (the last: {reason})")
+
+
 def run_receiver(
     receiver: Receiver, stop: threading.Event, *, seconds: float | None, once: bool, json_: bool, quiet: bool
 ) -> None:
     """Starts the receiver and presents its figures until --seconds, --once or ``stop``; then the summary."""
     from tiality_cli.io.base import ClockedSink
 
+    refusals = RefusalLines(lambda text: print(text, file=sys.stderr, flush=True))
+
     def warn(event: ReceiverEvent) -> None:
-        """An overload (and what the receiver does about it), on stderr whatever the output mode."""
-        if event.kind == "overload":
+        """An overload (and what the receiver does about it), and refused senders, on stderr whatever the
+        output mode."""
+        if event.kind == "sender_refused":
+            refusals.refused(event.peer, event.detail)
+        elif event.kind == "overload":
             text = f"tiality recv: warning: {event.detail}; new senders are refused"
             print(text, file=sys.stderr, flush=True)
         elif event.kind == "overload_ended":
@@ -502,6 +571,7 @@ def run_receiver(
         )
     finally:
         receiver.stop()
+        refusals.flush()
     snap = receiver.snapshot()
     fields = receiver_fields(receiver, snap, played_s())
     if fields["played_s"] > 0:  # the summary's rates are averages over the audio played
@@ -510,8 +580,8 @@ def run_receiver(
     if json_:
         print(json_line(fields, event="summary"), flush=True)
     elif not quiet:
-        from rich.console import Console
+        from tiality_cli.cli.common import out_console
 
-        Console().print(recv_summary(snap, played_s=played_s(), streams_started=receiver.streams_started))
+        out_console().print(recv_summary(snap, played_s=played_s(), streams_started=receiver.streams_started))
     else:
         print(recv_plain_line(frame()), flush=True)

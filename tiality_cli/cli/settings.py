@@ -326,9 +326,9 @@ def config(
 
             print(json.dumps(doc, indent=2, default=str))
             return
-        from rich.console import Console
+        from tiality_cli.cli.common import out_console
 
-        console = Console()
+        console = out_console()
         for f in doc["files"]:
             state = "read" if f["exists"] else "absent"
             console.print(f"{f['kind']}: {f['path']} ({state})", markup=False, highlight=False)

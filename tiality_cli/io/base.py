@@ -60,17 +60,20 @@ class CaptureOptions:
     downmix: bool = False  # average all captured channels into each stream channel instead
 
 
-def split_uri(uri: str) -> tuple[str, str]:
-    """Returns (scheme, rest) for a source/sink URI, or raises ConfigError naming the known schemes."""
+INPUTS_TOLD = "tone://FREQ, file:PATH.wav, alsa://DEVICE, sd://DEVICE"  # how the error messages name them
+OUTPUTS_TOLD = "alsa://DEVICE, sd://DEVICE, file:PATH.wav, null://"
+
+
+def split_uri(uri: str, known: str = INPUTS_TOLD) -> tuple[str, str]:
+    """Returns (scheme, rest) for a source/sink URI, or raises ConfigError naming ``known``: the schemes
+    of the side it was given for (an output's list must not offer tone://)."""
     for scheme in ("tone://", "file:", "alsa://", "sd://", "null://", "app://"):
         if uri.startswith(scheme):
             rest = uri[len(scheme) :]
             if scheme == "file:" and rest.startswith("//"):
                 rest = rest[2:]  # file://path as well as file:path
             return scheme, rest
-    raise ConfigError(
-        f"{uri!r}: unknown scheme; use one of tone://FREQ, file:PATH.wav, alsa://DEVICE, sd://DEVICE"
-    )
+    raise ConfigError(f"{uri!r}: unknown scheme; use one of {known}")
 
 
 class Halt:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
-from tiality_cli.io.base import AppSink, Sink, split_uri
+from tiality_cli.io.base import OUTPUTS_TOLD, AppSink, Sink, split_uri
 from tiality_cli.io.files import NullSink, WavSink
 
 
@@ -29,7 +29,7 @@ def open_sink(uri: str, fmt: AudioFormat | None = None, clock: Clock = SYSTEM_CL
     ``fmt`` fixes a device's format (default 48 kHz stereo); file and null sinks take the stream's format
     unless one is given.
     """
-    scheme, rest = split_uri(uri)
+    scheme, rest = split_uri(uri, OUTPUTS_TOLD)
     if scheme == "app://":
         return AppSink(fmt or AudioFormat())
     if scheme == "null://":

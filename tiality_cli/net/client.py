@@ -179,6 +179,11 @@ def map_rpc_error(err: grpc.RpcError, target: str) -> TialityError:
         return AuthError(f"{target} refused the stream: {details or 'authentication required'}")
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return AuthError(f"{target} refused the stream: {details or 'permission denied'}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in details:
+        # gRPC's own cap, hit by a flood of calls beyond what the receiver answers itself
+        return RejectedError(
+            f"{target} refused the stream: receiver busy: more senders at once than it takes"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("ended this stream"):
         return RejectedError(f"{target} {details}")  # mid-stream: the receiver shed it to keep up
     if code in (

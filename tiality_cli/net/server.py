@@ -39,6 +39,7 @@ from tiality_cli.net.wire import (
 )
 
 FLOW_WINDOW_BYTES = 4096  # ~0.5 s at 64 kbit/s; still ~20x the bandwidth-delay product of Wi-Fi
+REFUSAL_HEADROOM = 64  # calls beyond max_streams that the receiver itself answers (refusals, probes)
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),  # otherwise a second receiver silently shares the port
@@ -451,7 +452,12 @@ class AudioServer:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_streams + 4)
+        # The cap only bounds a flood. Its headroom lets a burst of senders beyond max_streams reach the
+        # receiver's own refusal ("receiver busy: ... --max-senders"), which ends each call at once,
+        # instead of gRPC's "Concurrent RPC limit exceeded!".
+        server = grpc.aio.server(
+            options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_streams + REFUSAL_HEADROOM
+        )
         pb_grpc.add_AudioStreamServicer_to_server(self._servicer, server)
         self._serving = health_pb2.HealthCheckResponse.SERVING
         self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
