@@ -374,9 +374,8 @@ def run_sender(
     between refreshes instead of polling (see ``present``).
     """
     log = StateLog()
-    sender.on_state = log.add
-    if quiet or json_:  # the log is not shown: an outage still gets one line on stderr each way
-        sender.on_state = OutageLines(log.add)
+    # With --quiet or --json the log is not shown: an outage still gets one line on stderr each way.
+    sender.on_state = OutageLines(log.add) if quiet or json_ else log.add
     ended = threading.Event()
 
     def on_end() -> None:
@@ -463,7 +462,7 @@ def volume_keys(receiver: Receiver) -> dict[str, Callable[[], None]]:
 
 class RefusalLines:
     """Refused senders on stderr, one line per burst: the first at once, with its peer and reason; the
-    rest of the burst (REFUSAL_QUIET_S after that line) counted, in one more line when it is over. A
+    rest of the burst (QUIET_S after that line) counted, in one more line when it is over. A
     flood of senders must not flood the operator's terminal, yet every refusal is told."""
 
     QUIET_S = 5.0
