@@ -355,37 +355,45 @@ def test_a_paused_output_does_not_close_a_window_on_a_few_blocks() -> None:
         rx.stop()
 
 
-@pytest.mark.parametrize("shed", [True, False], ids=["shed", "no-shed"])
-def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(shed: bool) -> None:
-    """Three senders open their streams at once, within the receiver's first second (before its load is
-    known); with a capacity of 0 (``--max-load 0.01``) recv first stops resampling (one line), then ends
-    the two newest after two more overloaded seconds and says so once on stderr, the senders get the
-    figures, and the summary counts them."""
+@dataclasses.dataclass
+class _Burst:
+    target: str  # HOST:PORT the senders used
+    results: list[object]  # each sender's SendResult or RejectedError
+    out: str  # recv's stdout (JSON lines) and stderr, once stopped by SIGINT
+    err: str
+    returncode: int
+
+
+def _burst_into_recv(args: list[str], tones: tuple[int, ...], seconds: float) -> _Burst:
+    """``tiality recv -o null:// --json ARGS`` and one sender per tone, released together by a barrier;
+    then recv is stopped (SIGINT) once every sender has ended."""
     recv = subprocess.Popen(
-        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json", *LOW_CAPACITY,
-         "--max-senders", "8", "--shed" if shed else "--no-shed"],
+        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
-    )  # fmt: skip
+    )
     results: list[object] = []
+    lock = threading.Lock()
     try:
         assert recv.stderr is not None and recv.stdout is not None
         m = re.search(r"listening on port (\d+)", recv.stderr.readline())
         assert m
         target = f"127.0.0.1:{m.group(1)}"
-        go = threading.Barrier(3)
+        go = threading.Barrier(len(tones))
 
         def send(hz: int) -> None:
-            sender = Sender(f"tone://{hz}", SenderConfig(target, seconds=5.0, reconnect=False))
+            sender = Sender(f"tone://{hz}", SenderConfig(target, seconds=seconds, reconnect=False))
             go.wait()
             try:
-                results.append(sender.run())
+                result: object = sender.run()
             except RejectedError as exc:
-                results.append(exc)
+                result = exc
+            with lock:
+                results.append(result)
 
-        threads = [threading.Thread(target=send, args=(hz,)) for hz in (300, 400, 500)]
+        threads = [threading.Thread(target=send, args=(hz,)) for hz in tones]
         for t in threads:
             t.start()
         for t in threads:
@@ -396,8 +404,21 @@ def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(
         if recv.poll() is None:
             recv.kill()
         recv.wait()
+    return _Burst(target, results, out, err, recv.returncode)
+
+
+@pytest.mark.parametrize("shed", [True, False], ids=["shed", "no-shed"])
+def test_recv_ends_a_bursts_newest_senders_with_a_line_each_side_unless_no_shed(shed: bool) -> None:
+    """Three senders open their streams at once, within the receiver's first second (before its load is
+    known); with a capacity of 0 (``--max-load 0.01``) recv first stops resampling (one line), then ends
+    the two newest after two more overloaded seconds and says so once on stderr, the senders get the
+    figures, and the summary counts them."""
+    burst = _burst_into_recv(
+        [*LOW_CAPACITY, "--max-senders", "8", "--shed" if shed else "--no-shed"], (300, 400, 500), 5.0
+    )
+    target, results, out, err = burst.target, burst.results, burst.out, burst.err
     summary = json.loads(out.splitlines()[-1])
-    assert recv.returncode == 0 and summary["streams_started"] == 3, err
+    assert burst.returncode == 0 and summary["streams_started"] == 3, err
     played = [r for r in results if isinstance(r, SendResult)]
     ended = [r for r in results if isinstance(r, RejectedError)]
     lines = [ln for ln in err.splitlines() if "ended the" in ln]
@@ -504,44 +525,8 @@ def test_a_burst_beyond_max_senders_is_refused_in_the_receivers_words_and_told_i
     the eleven others gets the receiver's own refusal (not gRPC's "Concurrent RPC limit exceeded!",
     which a cap of max-senders + 4 calls gave part of such a burst); recv's stderr tells the first
     refusal at once and the rest of the burst in one more line, and its summary counts all eleven."""
-    recv = subprocess.Popen(
-        [*TIALITY, "recv", "--port", "0", "--bind", "127.0.0.1", "-o", "null://", "--json",
-         "--max-senders", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )  # fmt: skip
-    results: list[object] = []
-    lock = threading.Lock()
-    try:
-        assert recv.stderr is not None and recv.stdout is not None
-        m = re.search(r"listening on port (\d+)", recv.stderr.readline())
-        assert m
-        target = f"127.0.0.1:{m.group(1)}"
-        go = threading.Barrier(12)
-
-        def send(hz: int) -> None:
-            sender = Sender(f"tone://{hz}", SenderConfig(target, seconds=2.0, reconnect=False))
-            go.wait()
-            try:
-                result: object = sender.run()
-            except RejectedError as exc:
-                result = exc
-            with lock:
-                results.append(result)
-
-        threads = [threading.Thread(target=send, args=(200 + 50 * i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        recv.send_signal(2)
-        out, err = recv.communicate(timeout=30)
-    finally:
-        if recv.poll() is None:
-            recv.kill()
-        recv.wait()
+    burst = _burst_into_recv(["--max-senders", "1"], tuple(200 + 50 * i for i in range(12)), 2.0)
+    target, results, out, err = burst.target, burst.results, burst.out, burst.err
     played = [r for r in results if isinstance(r, SendResult)]
     refused = [r for r in results if isinstance(r, RejectedError)]
     assert len(played) == 1 and len(refused) == 11, results
@@ -549,7 +534,7 @@ def test_a_burst_beyond_max_senders_is_refused_in_the_receivers_words_and_told_i
     busy = "receiver busy: it takes 1 sender at a time (--max-senders)"
     assert {str(r) for r in refused} == {f"{target} refused the stream: {busy}"}
     summary = json.loads(out.splitlines()[-1])
-    assert recv.returncode == 0 and (summary["streams_started"], summary["streams_refused"]) == (1, 11), err
+    assert burst.returncode == 0 and (summary["streams_started"], summary["streams_refused"]) == (1, 11), err
     lines = [ln for ln in err.splitlines() if "refused" in ln]
     assert len(lines) == 2, err
     assert re.fullmatch(

@@ -345,15 +345,15 @@ class OutageLines:
     def __init__(self, then: Callable[[StateChange], None], prefix: str = "tiality send") -> None:
         self._then = then
         self._prefix = prefix
-        self._down: StateChange | None = None  # the first failed attempt of the outage in progress
+        self._down = False  # an outage is in progress (its first line said so)
 
     def __call__(self, change: StateChange) -> None:
         self._then(change)
-        if change.state == "reconnecting" and self._down is None:
-            self._down = change
+        if change.state == "reconnecting" and not self._down:
+            self._down = True
             self._say(f"warning: {change.reason}; retrying until it answers")  # the reason names the target
-        elif change.state == "streaming" and self._down is not None:
-            self._down = None
+        elif change.state == "streaming" and self._down:
+            self._down = False
             self._say(f"streaming to {change.target} again (after {change.attempt} failed attempt(s))")
 
     def _say(self, text: str) -> None:
