@@ -15,7 +15,10 @@ sender        ``tiality send 127.0.0.1:P -i tone://440 -q`` against ``tiality re
               encoder and settings on the same tone), the floor for any sender that encodes, so that
               sender / (bare + encode) is what tiality itself adds; and the sender again with a
               lighter encode (LIGHT_CODEC: ``--application audio --complexity 0``, what a Pi short of
-              CPU can choose by docs/codec-quality.md's complexity table).
+              CPU can choose by docs/codec-quality.md's complexity table). Last, in this process, the
+              encode alone: the thread CPU of one OpusEncoder.encode of the tone at the sender's
+              defaults, median of 250 frames back to back, then of 250 each after 20 ms asleep, as a
+              sender encodes (``encode_us``): the gap is what caches gone cold cost.
 start-up      the CPU of ``tiality send ... --seconds 0.02 --once -q`` from exec to its first packet,
               read from /proc by a minimal receiver in this process as that packet arrives, and from
               exec to exit (os.wait4's rusage); against ``python -c "import grpc"``.
@@ -72,6 +75,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+
 from benchmarks.machine import cpu_name, tiality_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +116,7 @@ class Plan:
     shed: bool = False  # fan-in with recv's default overload policy instead of keeping every stream
     resampler: str = "sinc_fastest"  # fan-in: recv --resampler (the default unless --resampler)
     economy: bool = True  # fan-in: recv --economy (its default: overloaded, it stops resampling first)
+    explain: bool = True  # sender: also the light-codec sender and the encode alone (rows that explain)
 
     @staticmethod
     def quick() -> Plan:
@@ -374,12 +381,9 @@ def wall_time(cmd: list[str]) -> float:
 # --bare-recv, --loadgen)
 
 
-def tone_packets(seconds: float = 2.0, freq: float = 440.0) -> tuple[list[bytes], bytes]:
-    """Opus packets of a tone at the sender's defaults, and the serialised StreamFormat announcing them.
-
-    2 s of 440 Hz is a whole number of cycles, so the packets loop without a click."""
-    import numpy as np
-
+def tone_packets() -> tuple[list[bytes], bytes]:
+    """Opus packets of the tone (``tone_frames``) at the sender's defaults, and the serialised
+    StreamFormat announcing them."""
     from tiality_cli.codec import OpusEncoder
     from tiality_cli.config import AudioFormat, CodecConfig
     from tiality_cli.link import StreamInfo
@@ -388,16 +392,21 @@ def tone_packets(seconds: float = 2.0, freq: float = 440.0) -> tuple[list[bytes]
     fmt = AudioFormat()
     codec = CodecConfig()
     enc = OpusEncoder(fmt, codec)
-    n = fmt.frame_samples
-    amp = 32767 * 10 ** (-12 / 20)
     packets = []
-    for k in range(round(seconds * 1e6 / fmt.frame_us)):
-        t = (np.arange(n) + k * n) / fmt.sample_rate
-        enc.input[:] = np.round(amp * np.sin(2 * np.pi * freq * t)).astype(np.int16)[:, None]
+    for frame in tone_frames(fmt.channels, fmt.frame_samples, fmt.sample_rate):
+        np.copyto(enc.input, frame)
         packets.append(enc.encode())
     info = StreamInfo(format=fmt, algorithm_delay=enc.lookahead, bitrate=codec.bitrate, name="benchmarks.cpu")
     enc.close()
     return packets, info_to_pb(info).SerializeToString()
+
+
+def tone_frames(channels: int, frame_samples: int, sample_rate: int) -> npt.NDArray[np.int16]:
+    """The 100 int16 frames of 2 s of 440 Hz at -12 dBFS in every channel, as ``tone://`` reads them
+    (whole cycles: they loop without a click)."""
+    t = np.arange(100 * frame_samples) / sample_rate
+    tone = np.round(32767 * 10 ** (-12 / 20) * np.sin(2 * np.pi * 440.0 * t)).astype(np.int16)
+    return np.repeat(tone[:, None], channels, axis=1).reshape(100, frame_samples, channels)
 
 
 def bare_client(target: str, seconds: float, encode: bool = False) -> None:
@@ -406,7 +415,6 @@ def bare_client(target: str, seconds: float, encode: bool = False) -> None:
     ``encode``: each packet is encoded just before it is sent, by tiality's OpusEncoder at the sender's
     defaults from a table of the tone's frames (as ``tone://`` reads them), instead of taken ready-made."""
     import grpc
-    import numpy as np
 
     from tiality_cli.codec import OpusEncoder
     from tiality_cli.config import AudioFormat, CodecConfig
@@ -416,10 +424,7 @@ def bare_client(target: str, seconds: float, encode: bool = False) -> None:
     packets, fmt = tone_packets()
     audio = AudioFormat()
     enc = OpusEncoder(audio, CodecConfig())
-    n = audio.frame_samples
-    t = np.arange(100 * n) / audio.sample_rate  # 2 s of 440 Hz: whole cycles, loops without a click
-    tone = np.round(32767 * 10 ** (-12 / 20) * np.sin(2 * np.pi * 440.0 * t)).astype(np.int16)
-    frames = np.repeat(tone[:, None], audio.channels, axis=1).reshape(100, n, audio.channels)
+    frames = tone_frames(audio.channels, audio.frame_samples, audio.sample_rate)
 
     def payload(k: int) -> bytes:
         if not encode:
@@ -439,6 +444,32 @@ def bare_client(target: str, seconds: float, encode: bool = False) -> None:
 
     with grpc.insecure_channel(target) as channel:
         pb_grpc.AudioStreamStub(channel).Stream(messages())
+
+
+ENCODE_FRAMES = 250  # frames per encode-cost measurement: 5 s when each follows a frame's idle gap
+
+
+def encode_us(gap_s: float, frames: int = ENCODE_FRAMES) -> float:
+    """The median thread CPU of one OpusEncoder.encode at the sender's defaults on the tone, in µs, each
+    call after ``gap_s`` of sleep (0: back to back, caches warm; a frame: as a sender runs it)."""
+    from tiality_cli.codec import OpusEncoder
+    from tiality_cli.config import AudioFormat, CodecConfig
+
+    audio = AudioFormat()
+    enc = OpusEncoder(audio, CodecConfig())
+    table = tone_frames(audio.channels, audio.frame_samples, audio.sample_rate)
+    took = []
+    try:
+        for k in range(frames):
+            if gap_s:
+                time.sleep(gap_s)
+            np.copyto(enc.input, table[k % 100])
+            t0 = time.thread_time_ns()
+            enc.encode()
+            took.append(time.thread_time_ns() - t0)
+    finally:
+        enc.close()
+    return statistics.median(took) / 1000
 
 
 async def _fan_in(target: str, streams: int, seconds: float) -> dict[str, Any]:
@@ -575,6 +606,8 @@ class SenderRun:
     recv_idle: float
     recv_sender: float  # the receiver, playing the sender's stream
     recv_bare: float
+    encode_warm_us: float  # one encode, back to back (encode_us)
+    encode_paced_us: float  # one encode after a frame's idle gap, as a sender runs it
 
     @property
     def ratio(self) -> float:
@@ -620,9 +653,13 @@ def sender_vs_bare(plan: Plan) -> SenderRun:
             "--bare", target, "--encode", "--seconds", str(plan.warmup_s + plan.window_s + WAIT_S)
         )
         be, _ = _stream_window(recv, bare_enc, "bare client + encode", plan)
-        light = tiality("send", target, "-i", "tone://440", "-q", "--once", *LIGHT_CODEC)
-        sl, _ = _stream_window(recv, light, "tiality send, light codec", plan)
-    return SenderRun(load, s, b, be, sl, idle, rs, rb)
+        sl = warm = paced = math.nan
+        if plan.explain:
+            light = tiality("send", target, "-i", "tone://440", "-q", "--once", *LIGHT_CODEC)
+            sl, _ = _stream_window(recv, light, "tiality send, light codec", plan)
+    if plan.explain:
+        warm, paced = encode_us(0.0), encode_us(FRAME_NS / 1e9)
+    return SenderRun(load, s, b, be, sl, idle, rs, rb, warm, paced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -946,6 +983,12 @@ def summary_table(res: Results) -> list[str]:
         Figure("(bare + encode) / bare: the encode's share", [s.bare_encode / s.bare for s in ss], ".2f",
                "x", sl),
         Figure("sender / (bare + encode): what tiality adds", [s.own_ratio for s in ss], ".2f", "x", sl),
+        Figure("the encode's cost in the stream: (bare + encode) - bare, per packet",
+               [us_per_packet(s.bare_encode - s.bare) for s in ss], ".0f", "µs", sl),
+        Figure(f"Opus encode of one frame alone, back to back (caches warm), median of {ENCODE_FRAMES}",
+               [s.encode_warm_us for s in ss], ".0f", "µs", sl),
+        Figure("the same, each frame after 20 ms asleep (as a sender encodes)",
+               [s.encode_paced_us for s in ss], ".0f", "µs", sl),
         Figure(f"`tiality send` with `{' '.join(LIGHT_CODEC)}` / bare gRPC stream (a lighter encode)",
                [s.sender_light / s.bare for s in ss], ".2f", "x", sl,
                extra=per_packet([s.sender_light * 100 for s in ss])),

@@ -20,7 +20,7 @@ GUARD_OWN_RATIO = 1.6
 
 @pytest.mark.slow
 def test_sender_cpu_within_guards_of_a_bare_grpc_stream_with_and_without_the_encode() -> None:
-    r = sender_vs_bare(Plan(runs=1, warmup_s=1.0, window_s=5.0))
+    r = sender_vs_bare(Plan(runs=1, warmup_s=1.0, window_s=5.0, explain=False))
     figures = (
         f"sender {us_per_packet(r.sender):.0f} µs/packet, bare gRPC stream {us_per_packet(r.bare):.0f}, "
         f"bare + Opus encode {us_per_packet(r.bare_encode):.0f}: {r.ratio:.2f} x and {r.own_ratio:.2f} x"
