@@ -2,6 +2,7 @@
 
     nice -n 5 python -m benchmarks.cpu [--runs 3] [--streams 1,8,16,32,64,128] [--write]
     nice -n 5 python -m benchmarks.cpu --quick         # a short smoke run: 1 run, 1 and 8 streams
+    python -m benchmarks.cpu --encode-gaps 1,5,20      # the encode alone, after gaps of 1, 5, 20 ms
 
 Run from the repository root (it starts ``python -m tiality_cli`` and ``python -m benchmarks.cpu`` as
 children, with the repository on their PYTHONPATH). What it measures, each as the median of ``--runs``:
@@ -449,19 +450,28 @@ def bare_client(target: str, seconds: float, encode: bool = False) -> None:
 ENCODE_FRAMES = 250  # frames per encode-cost measurement: 5 s when each follows a frame's idle gap
 
 
-def encode_us(gap_s: float, frames: int = ENCODE_FRAMES) -> float:
+def encode_us(gap_s: float, frames: int = ENCODE_FRAMES, between: str = "sleep") -> float:
     """The median thread CPU of one OpusEncoder.encode at the sender's defaults on the tone, in µs, each
-    call after ``gap_s`` of sleep (0: back to back, caches warm; a frame: as a sender runs it)."""
+    call after ``gap_s`` of ``between``: "sleep" (0 s: back to back, caches warm; a frame: as a sender
+    runs it), "spin" (a Python busy loop: the core never idles) or "evict" (writing 4 MB instead,
+    which flushes the data caches up to L2 but runs no other code)."""
     from tiality_cli.codec import OpusEncoder
     from tiality_cli.config import AudioFormat, CodecConfig
 
     audio = AudioFormat()
     enc = OpusEncoder(audio, CodecConfig())
     table = tone_frames(audio.channels, audio.frame_samples, audio.sample_rate)
+    junk = np.zeros(4 << 20, np.uint8) if between == "evict" else None
     took = []
     try:
         for k in range(frames):
-            if gap_s:
+            if junk is not None:
+                np.add(junk, 1, out=junk)
+            elif between == "spin":
+                end = time.perf_counter() + gap_s
+                while time.perf_counter() < end:
+                    pass
+            elif gap_s:
                 time.sleep(gap_s)
             np.copyto(enc.input, table[k % 100])
             t0 = time.thread_time_ns()
@@ -470,6 +480,18 @@ def encode_us(gap_s: float, frames: int = ENCODE_FRAMES) -> float:
     finally:
         enc.close()
     return statistics.median(took) / 1000
+
+
+def print_encode_gaps(gaps_ms: Sequence[float]) -> None:
+    """--encode-gaps: what the time between two encodes costs the second one, and what does not."""
+    print(f"| between two encodes | encode of one frame, median of {ENCODE_FRAMES} |")
+    print("|---|---:|")
+    print(f"| nothing (back to back) | {encode_us(0.0):.0f} µs |", flush=True)
+    print(f"| writing 4 MB (the data caches up to L2 flushed) | {encode_us(0.0, between='evict'):.0f} µs |")
+    for gap in gaps_ms:
+        print(f"| {gap:g} ms asleep | {encode_us(gap / 1000):.0f} µs |", flush=True)
+    for gap in gaps_ms:
+        print(f"| {gap:g} ms in a Python busy loop | {encode_us(gap / 1000, between='spin'):.0f} µs |")
 
 
 async def _fan_in(target: str, streams: int, seconds: float) -> dict[str, Any]:
@@ -1178,6 +1200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loadgen", metavar="HOST:PORT", help="only run the load generator (--streams N)")
     ap.add_argument("--bare-recv", action="store_true", help="only run the bare receiver (until SIGINT)")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long --bare or --loadgen streams")
+    ap.add_argument("--encode-gaps", metavar="MS,MS,...",
+                    help="only time the encode alone, after each of these gaps asleep")  # fmt: skip
     ap.add_argument("--resampler", default="sinc_fastest",
                     help="fan-in into recv --resampler NAME (e.g. linear), not its default")  # fmt: skip
     ap.add_argument("--shed", action="store_true",
@@ -1197,6 +1221,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.loadgen:
         load_generator(args.loadgen, int(args.streams or 1), args.seconds)
+        return 0
+    if args.encode_gaps:
+        print_encode_gaps([float(x) for x in args.encode_gaps.split(",")])
         return 0
     plan = Plan.quick() if args.quick else Plan()
     if args.runs is not None:

@@ -28,7 +28,6 @@ from tiality_cli.clock import SYSTEM_CLOCK, Clock
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
 
-INPUT_SCHEMES = ("tone://", "file:", "alsa://", "sd://")
 BLOCK_US = 5_000  # the paced sinks' pull period, and the device sinks' period
 STALL_S = 5.0  # a device that delivers or takes no audio for this long is reported as broken
 POLL_MS = 100  # how often a blocked device read or write looks at close()/stop()
