@@ -31,6 +31,7 @@ from tests.helpers.signals import (
 )
 from tiality_cli.config import AudioFormat
 from tiality_cli.errors import ConfigError
+from tiality_cli.io.base import to_int16
 from tiality_cli.playout import PlayoutConfig
 from tiality_cli.receiver import LIMIT_KNEE, ReceiverConfig, soft_limit
 from tiality_cli.wavfile import read_wav
@@ -259,6 +260,39 @@ def test_soft_limiter_passes_below_the_knee_and_rounds_off_above_it() -> None:
     assert y[np.argmin(np.abs(x - 1.0))] == pytest.approx(
         LIMIT_KNEE + (1 - LIMIT_KNEE) * math.tanh((1.0 - LIMIT_KNEE) / (1 - LIMIT_KNEE)), abs=1e-4
     )
+
+
+def test_the_limiters_peak_is_the_blocks_and_spares_the_int16_clip_only_where_nothing_clips() -> None:
+    """soft_limit returns the peak after limiting (the meter's figure, and what lets the int16 conversion
+    skip its clip); the conversion with that peak is sample-exact with the full one, at every level from
+    quiet to far over full scale, including the blocks whose peak sits within an LSB of it."""
+    rng = np.random.default_rng(7)
+    top = 32767 / 32768
+    levels = [
+        0.01,
+        0.5,
+        LIMIT_KNEE * 0.999,
+        LIMIT_KNEE * 1.001,
+        0.95,
+        top - 1e-6,
+        top,
+        top + 1e-6,
+        1.0,
+        1.5,
+        4.0,
+    ]
+    for level in levels:
+        for _ in range(20):
+            x = (rng.uniform(-1.0, 1.0, (240, 2)) * level).astype(np.float32)
+            x[rng.integers(240), rng.integers(2)] = level * rng.choice([-1.0, 1.0])  # the peak, either sign
+            y = x.copy()
+            peak = soft_limit(y, np.empty_like(y), np.empty_like(y))
+            assert peak == pytest.approx(float(np.abs(y).max()), abs=1e-6), level
+            for gain in (1.0, 0.5, -1.0):
+                full, fast = np.empty((240, 2), np.int16), np.empty((240, 2), np.int16)
+                to_int16(y.copy(), full, gain)
+                to_int16(y.copy(), fast, gain, peak=peak)
+                assert np.array_equal(full, fast), (level, gain)
 
 
 def test_two_loud_senders_are_limited_not_clipped() -> None:

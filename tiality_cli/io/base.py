@@ -154,14 +154,20 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def to_int16(block: npt.NDArray[np.float32], out: npt.NDArray[np.int16], gain: float = 1.0) -> None:
+def to_int16(
+    block: npt.NDArray[np.float32], out: npt.NDArray[np.int16], gain: float = 1.0, peak: float | None = None
+) -> None:
     """Float audio (full scale 1.0) times ``gain`` into a sink's int16 buffer, rounded and clipped.
 
-    For a sink's ``fill`` (every block): scales ``block`` in place and allocates nothing.
+    For a sink's ``fill`` (every block): scales ``block`` in place and allocates nothing. ``peak``: the
+    block's largest magnitude when the caller has it (the mixer's limiter does); a block that cannot
+    reach full scale then skips the clip, the costliest of these calls.
     """
-    np.multiply(block, gain * 32768.0, out=block)
+    scale = gain * 32768.0
+    np.multiply(block, scale, out=block)
     np.rint(block, out=block)
-    np.clip(block, -32768, 32767, out=block)
+    if peak is None or peak * abs(scale) > 32767.0:
+        np.clip(block, -32768, 32767, out=block)
     out[:] = block
 
 
