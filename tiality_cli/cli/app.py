@@ -153,7 +153,13 @@ def send(
             show_default=False,
         ),
     ] = None,
-    seconds: Annotated[float | None, typer.Option(help="Stop after this much audio.")] = None,
+    seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop after this much audio, counted from the first connection: a receiver that is "
+            "down at the start is waited for (--once gives up instead)."
+        ),
+    ] = None,
     frame_ms: Annotated[float, typer.Option(help="Packet duration: 2.5, 5, 10, 20, 40 or 60 ms.")] = 20.0,
     bitrate: Annotated[float, typer.Option(help="Opus bitrate in kbit/s (6-510).")] = 64.0,
     rate: Annotated[
