@@ -193,8 +193,8 @@ class _Fader:
 
 def soft_limit(x: F32, s1: F32, s2: F32) -> float:
     """In place: unchanged up to -1 dBFS (1.0 = full scale), above it a tanh knee that approaches full scale.
-    Returns the block's peak (largest magnitude) after limiting, for the meter and the int16 conversion.
 
+    Returns the block's peak (largest magnitude) after limiting, for the meter and the int16 conversion.
     Continuous with slope 1 at the knee, so an overload is rounded off instead of squared (no hard-clip
     harmonics), and memoryless (no delay). Vectorised into the scratch buffers ``s1``, ``s2`` (x's shape):
     nothing is allocated, and a block below the knee costs two reductions (the ufuncs' own: ``x.max()``
