@@ -59,6 +59,8 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
+import itertools
 import json
 import math
 import os
@@ -450,48 +452,64 @@ def bare_client(target: str, seconds: float, encode: bool = False) -> None:
 ENCODE_FRAMES = 250  # frames per encode-cost measurement: 5 s when each follows a frame's idle gap
 
 
-def encode_us(gap_s: float, frames: int = ENCODE_FRAMES, between: str = "sleep") -> float:
-    """The median thread CPU of one OpusEncoder.encode at the sender's defaults on the tone, in µs, each
-    call after ``gap_s`` of ``between``: "sleep" (0 s: back to back, caches warm; a frame: as a sender
-    runs it), "spin" (a Python busy loop: the core never idles) or "evict" (writing 4 MB instead,
-    which flushes the data caches up to L2 but runs no other code)."""
+def median_thread_us(
+    fn: Callable[[], object], calls: int, before: Callable[[], object] | None = None
+) -> float:
+    """The median thread CPU of ``calls`` calls of ``fn``, in µs, each after ``before()`` (untimed): what
+    one call costs as a real-time thread makes it, between its waits, rather than in a tight loop."""
+    took = []
+    for _ in range(calls):
+        if before is not None:
+            before()
+        t0 = time.thread_time_ns()
+        fn()
+        took.append(time.thread_time_ns() - t0)
+    return statistics.median(took) / 1000
+
+
+def encode_us(before: Callable[[], object] | None = None, frames: int = ENCODE_FRAMES) -> float:
+    """``median_thread_us`` of OpusEncoder.encode at the sender's defaults on the tone: back to back
+    (caches warm), or after ``before()`` each time (a frame asleep: as a sender runs it)."""
     from tiality_cli.codec import OpusEncoder
     from tiality_cli.config import AudioFormat, CodecConfig
 
     audio = AudioFormat()
     enc = OpusEncoder(audio, CodecConfig())
-    table = tone_frames(audio.channels, audio.frame_samples, audio.sample_rate)
-    junk = np.zeros(4 << 20, np.uint8) if between == "evict" else None
-    took = []
+    table = itertools.cycle(tone_frames(audio.channels, audio.frame_samples, audio.sample_rate))
+
+    def encode() -> None:
+        np.copyto(enc.input, next(table))
+        enc.encode()
+
     try:
-        for k in range(frames):
-            if junk is not None:
-                np.add(junk, 1, out=junk)
-            elif between == "spin":
-                end = time.perf_counter() + gap_s
-                while time.perf_counter() < end:
-                    pass
-            elif gap_s:
-                time.sleep(gap_s)
-            np.copyto(enc.input, table[k % 100])
-            t0 = time.thread_time_ns()
-            enc.encode()
-            took.append(time.thread_time_ns() - t0)
+        return median_thread_us(encode, frames, before)
     finally:
         enc.close()
-    return statistics.median(took) / 1000
 
 
 def print_encode_gaps(gaps_ms: Sequence[float]) -> None:
-    """--encode-gaps: what the time between two encodes costs the second one, and what does not."""
+    """--encode-gaps: what the time between two encodes costs the second one, and what does not: asleep,
+    in a Python busy loop (the core never idles), and writing 4 MB (the data caches up to L2 flushed,
+    no other code run)."""
+    junk = np.zeros(4 << 20, np.uint8)
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
     print(f"| between two encodes | encode of one frame, median of {ENCODE_FRAMES} |")
     print("|---|---:|")
-    print(f"| nothing (back to back) | {encode_us(0.0):.0f} µs |", flush=True)
-    print(f"| writing 4 MB (the data caches up to L2 flushed) | {encode_us(0.0, between='evict'):.0f} µs |")
+    print(f"| nothing (back to back) | {encode_us():.0f} µs |", flush=True)
+    evicted = encode_us(lambda: np.add(junk, 1, out=junk))
+    print(f"| writing 4 MB (the data caches up to L2 flushed) | {evicted:.0f} µs |", flush=True)
     for gap in gaps_ms:
-        print(f"| {gap:g} ms asleep | {encode_us(gap / 1000):.0f} µs |", flush=True)
+        asleep = encode_us(functools.partial(time.sleep, gap / 1000))
+        print(f"| {gap:g} ms asleep | {asleep:.0f} µs |", flush=True)
     for gap in gaps_ms:
-        print(f"| {gap:g} ms in a Python busy loop | {encode_us(gap / 1000, between='spin'):.0f} µs |")
+        print(
+            f"| {gap:g} ms in a Python busy loop | {encode_us(functools.partial(spin, gap / 1000)):.0f} µs |"
+        )
 
 
 async def _fan_in(target: str, streams: int, seconds: float) -> dict[str, Any]:
@@ -680,7 +698,7 @@ def sender_vs_bare(plan: Plan) -> SenderRun:
             light = tiality("send", target, "-i", "tone://440", "-q", "--once", *LIGHT_CODEC)
             sl, _ = _stream_window(recv, light, "tiality send, light codec", plan)
     if plan.explain:
-        warm, paced = encode_us(0.0), encode_us(FRAME_NS / 1e9)
+        warm, paced = encode_us(), encode_us(functools.partial(time.sleep, FRAME_NS / 1e9))
     return SenderRun(load, s, b, be, sl, idle, rs, rb, warm, paced)
 
 

@@ -19,12 +19,14 @@ second. docs/performance.md ("the mixer's block tail") has the figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.cpu import median_thread_us
 from tiality_cli.io.base import to_int16
 from tiality_cli.receiver import soft_limit
 
@@ -51,14 +53,7 @@ def main() -> None:
         to_int16(acc, pcm)
 
     def blocks(fn: Callable[[], None], gap_s: float) -> float:
-        took = []
-        for _ in range(args.blocks):
-            if gap_s:
-                time.sleep(gap_s)
-            t0 = time.thread_time_ns()
-            fn()
-            took.append(time.thread_time_ns() - t0)
-        return statistics.median(took) / 1000
+        return median_thread_us(fn, args.blocks, functools.partial(time.sleep, gap_s) if gap_s else None)
 
     print("| between blocks | with the limiter's peak | peak measured again |")
     print("|---|---:|---:|")
